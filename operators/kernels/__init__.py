@@ -1,0 +1,1 @@
+"""Filter-feature kernels (CPU: numba, GPU: cupy) and their feature table."""

@@ -1,0 +1,502 @@
+"""Random-forest inference on the CPU without scikit-learn at predict time.
+
+A fitted :class:`sklearn.ensemble.RandomForestClassifier` (or ``ExtraTreesClassifier``)
+is flattened once into plain arrays (:class:`ForestArrays`); :func:`predict_proba`
+evaluates them with a parallel numba kernel and reproduces sklearn's
+``predict_proba`` to about 1e-7 on float32 inputs, including NaN routing.
+
+Node encoding
+-------------
+Only *internal* (split) nodes are stored, concatenated over trees in sklearn's own
+order (parents always precede their children, so ``child > parent`` and a walk always
+terminates).  A child index ``c >= 0`` refers to another internal node (a global
+index into the node arrays); ``c < 0`` refers to the leaf ``~c`` (a global row of
+``leaf_value``).  A tree that is a single leaf has no internal nodes; its root is
+``~leaf_offsets[t]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = [
+    "ForestArrays",
+    "FORMAT_VERSION",
+    "forest_arrays_from_sklearn",
+    "round_threshold_down",
+    "predict_proba",
+    "predict_proba_image",
+    "DEFAULT_BLOCK",
+]
+
+#: Version of the array layout (also written to HDF5 by :mod:`forest_io`).
+FORMAT_VERSION = 1
+
+#: Samples per block of the CPU kernel.  A block's rows of X (block * n_features * 4
+#: bytes, ~100 KB for 512 x 48) stay in L2 while all trees walk over them.
+DEFAULT_BLOCK = 512
+
+_MGL_BIT = np.int32(-(2**31))  # sign bit of the packed feature word = missing-go-left
+_FEATURE_MASK = np.int32(0x7FFFFFFF)
+
+
+def round_threshold_down(threshold: np.ndarray) -> np.ndarray:
+    """Map float64 thresholds to the largest float32 that is ``<=`` each of them.
+
+    WHY: sklearn casts X to float32 and then compares ``x32 <= thr64`` in double.
+    For a float32 ``x`` and ``t32 = max{float32 f : f <= thr64}``:
+    ``x <= t32`` implies ``x <= thr64`` (as ``t32 <= thr64``), and ``x <= thr64``
+    implies ``x <= t32`` (``x`` is itself a float32 ``<= thr64``, and ``t32`` is the
+    largest such).  So the float32 comparison gives exactly sklearn's branch, whereas
+    plain round-to-nearest could round a midpoint threshold *up* onto the next sample
+    value and flip it.
+
+    Parameters
+    ----------
+    threshold : ndarray of float64
+        Thresholds as stored in ``tree_.threshold``.
+
+    Returns
+    -------
+    ndarray of float32
+        Rounded-down thresholds (``+inf``/``-inf`` preserved; values beyond the
+        float32 range map to ``+-max float32`` or ``-inf`` as appropriate).
+    """
+    thr64 = np.asarray(threshold, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        thr32 = thr64.astype(np.float32)
+        too_big = thr32.astype(np.float64) > thr64  # rounding went up (or overflowed)
+    thr32[too_big] = np.nextafter(thr32[too_big], np.float32(-np.inf))
+    return thr32
+
+
+def _fail(name: str, msg: str) -> None:
+    raise ValueError(f"forest dataset {name!r}: {msg}")
+
+
+def _check_array(name: str, value: Any, dtype: Any, ndim: int) -> None:
+    if not isinstance(value, np.ndarray):
+        _fail(name, f"expected a numpy array, got {type(value).__name__}")
+    if value.dtype != np.dtype(dtype):
+        _fail(name, f"expected dtype {np.dtype(dtype)}, got {value.dtype}")
+    if value.ndim != ndim:
+        _fail(name, f"expected {ndim} dimension(s), got shape {value.shape}")
+
+
+def _check_offsets(name: str, offsets: np.ndarray, total: int, strict: bool) -> None:
+    if offsets.shape[0] < 2:
+        _fail(name, f"needs at least 2 entries (one tree), got shape {offsets.shape}")
+    if offsets[0] != 0 or offsets[-1] != total:
+        _fail(name, f"must start at 0 and end at {total}, got {offsets[0]}..{offsets[-1]}")
+    steps = np.diff(offsets)
+    if np.any(steps < 1 if strict else steps < 0):
+        kind = "strictly increasing" if strict else "non-decreasing"
+        _fail(name, f"must be {kind}")
+
+
+@dataclass(frozen=True, eq=False)
+class ForestArrays:
+    """A fitted random-forest classifier as plain, validated arrays.
+
+    Parameters
+    ----------
+    feature : ndarray of int32, shape (n_nodes,)
+        Split feature of every internal node, in ``[0, n_features)``.
+    threshold : ndarray of float32, shape (n_nodes,)
+        Split threshold, rounded down from sklearn's float64 (see
+        :func:`round_threshold_down`); a sample goes left iff ``x <= threshold``.
+    left, right : ndarray of int32, shape (n_nodes,)
+        Children: ``>= 0`` a global internal-node index greater than the parent's and
+        inside the same tree, ``< 0`` the global leaf ``~c`` of the same tree.
+    missing_go_left : ndarray of bool, shape (n_nodes,)
+        Where a NaN feature value goes (sklearn's ``missing_go_to_left``).
+    leaf_value : ndarray of float32, shape (n_leaves, n_classes)
+        Class probabilities of each leaf (rows sum to 1).
+    node_offsets : ndarray of int64, shape (n_trees + 1,)
+        Tree ``t`` owns internal nodes ``node_offsets[t]:node_offsets[t+1]``.
+    leaf_offsets : ndarray of int64, shape (n_trees + 1,)
+        Tree ``t`` owns leaves ``leaf_offsets[t]:leaf_offsets[t+1]`` (at least one).
+    classes : ndarray, shape (n_classes,)
+        Class labels in output column order (sklearn's ``classes_``).
+    n_features : int
+        Number of input features the forest expects.
+
+    Raises
+    ------
+    ValueError
+        If any array has a wrong dtype, shape, or an out-of-range index; the message
+        names the offending array (the same name as its HDF5 dataset).
+    """
+
+    feature: np.ndarray
+    threshold: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    missing_go_left: np.ndarray
+    leaf_value: np.ndarray
+    node_offsets: np.ndarray
+    leaf_offsets: np.ndarray
+    classes: np.ndarray
+    n_features: int
+    # Kernel-ready derived data (not part of the stored format).
+    _packed: np.ndarray = field(init=False, repr=False)
+    _roots: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+        # Pack each node into one 16-byte record [feature|mgl<<31, thr bits, left,
+        # right] so a step of the walk touches a single cache line instead of four.
+        packed = np.empty((self.n_nodes, 4), dtype=np.int32)
+        packed[:, 0] = self.feature | np.where(self.missing_go_left, _MGL_BIT, 0)
+        packed[:, 1] = self.threshold.view(np.int32)
+        packed[:, 2] = self.left
+        packed[:, 3] = self.right
+        n_int = np.diff(self.node_offsets)
+        roots = np.where(
+            n_int > 0, self.node_offsets[:-1], ~self.leaf_offsets[:-1]
+        ).astype(np.int32)
+        object.__setattr__(self, "_packed", packed)
+        object.__setattr__(self, "_roots", roots)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_trees(self) -> int:
+        """Number of trees."""
+        return int(self.node_offsets.shape[0] - 1)
+
+    @property
+    def n_nodes(self) -> int:
+        """Number of internal (split) nodes over all trees."""
+        return int(self.feature.shape[0])
+
+    @property
+    def n_leaves(self) -> int:
+        """Number of leaves over all trees."""
+        return int(self.leaf_value.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes (output columns)."""
+        return int(self.leaf_value.shape[1])
+
+    @property
+    def packed_nodes(self) -> np.ndarray:
+        """(n_nodes, 4) int32 records ``[feature | mgl << 31, threshold bits, left, right]``."""
+        return self._packed
+
+    @property
+    def roots(self) -> np.ndarray:
+        """(n_trees,) int32 root reference of each tree (node index, or ``~leaf``)."""
+        return self._roots
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        _check_array("feature", self.feature, np.int32, 1)
+        _check_array("threshold", self.threshold, np.float32, 1)
+        _check_array("left", self.left, np.int32, 1)
+        _check_array("right", self.right, np.int32, 1)
+        _check_array("missing_go_left", self.missing_go_left, np.bool_, 1)
+        _check_array("leaf_value", self.leaf_value, np.float32, 2)
+        _check_array("node_offsets", self.node_offsets, np.int64, 1)
+        _check_array("leaf_offsets", self.leaf_offsets, np.int64, 1)
+        if not isinstance(self.classes, np.ndarray) or self.classes.ndim != 1:
+            _fail("classes", "expected a 1-d numpy array")
+        if isinstance(self.n_features, bool) or not isinstance(
+            self.n_features, (int, np.integer)
+        ):
+            _fail("n_features", f"expected an int, got {type(self.n_features).__name__}")
+        if self.n_features < 1:
+            _fail("n_features", f"must be >= 1, got {self.n_features}")
+
+        n_nodes = self.feature.shape[0]
+        for name in ("threshold", "left", "right", "missing_go_left"):
+            if getattr(self, name).shape[0] != n_nodes:
+                _fail(name, f"length {getattr(self, name).shape[0]} != len(feature) {n_nodes}")
+        n_leaves, n_classes = self.leaf_value.shape
+        if n_classes < 1:
+            _fail("leaf_value", "needs at least one class column")
+        if self.classes.shape[0] != n_classes:
+            _fail("classes", f"length {self.classes.shape[0]} != n_classes {n_classes}")
+        if n_nodes >= 2**31 - 1 or n_leaves >= 2**31 - 1:
+            _fail("feature", "forest too large for int32 node indices")
+
+        _check_offsets("node_offsets", self.node_offsets, n_nodes, strict=False)
+        _check_offsets("leaf_offsets", self.leaf_offsets, n_leaves, strict=True)
+        if self.leaf_offsets.shape != self.node_offsets.shape:
+            _fail("leaf_offsets", f"shape {self.leaf_offsets.shape} != node_offsets "
+                  f"shape {self.node_offsets.shape}")
+        # A binary tree has exactly one more leaf than internal nodes.
+        if not np.array_equal(np.diff(self.leaf_offsets), np.diff(self.node_offsets) + 1):
+            _fail("leaf_offsets", "each tree must have exactly (internal nodes + 1) leaves")
+
+        if n_nodes:
+            bad = np.flatnonzero((self.feature < 0) | (self.feature >= self.n_features))
+            if bad.size:
+                _fail("feature", f"node {bad[0]} has feature {self.feature[bad[0]]}, "
+                      f"outside [0, {self.n_features})")
+            if np.isnan(self.threshold).any():
+                _fail("threshold", "contains NaN")
+            tree = np.repeat(np.arange(self.n_trees), np.diff(self.node_offsets))
+            node_end = self.node_offsets[1:][tree]
+            leaf_lo = self.leaf_offsets[:-1][tree]
+            leaf_hi = self.leaf_offsets[1:][tree]
+            parent = np.arange(n_nodes)
+            for name in ("left", "right"):
+                child = getattr(self, name).astype(np.int64)
+                is_node = child >= 0
+                leaf = ~child
+                ok = np.where(
+                    is_node,
+                    (child > parent) & (child < node_end),
+                    (leaf >= leaf_lo) & (leaf < leaf_hi),
+                )
+                bad = np.flatnonzero(~ok)
+                if bad.size:
+                    i = bad[0]
+                    _fail(name, f"child {child[i]} of node {i} (tree {tree[i]}) is out of "
+                          "range (must be a later node of the same tree, or ~leaf of it)")
+        lv = self.leaf_value
+        if not np.all(np.isfinite(lv)) or lv.min(initial=0.0) < 0 or lv.max(initial=0.0) > 1:
+            _fail("leaf_value", "probabilities must be finite and in [0, 1]")
+
+
+# ---------------------------------------------------------------------- sklearn
+def forest_arrays_from_sklearn(clf: Any) -> ForestArrays:
+    """Flatten a fitted sklearn forest classifier into :class:`ForestArrays`.
+
+    Parameters
+    ----------
+    clf : RandomForestClassifier or ExtraTreesClassifier
+        A fitted single-output forest classifier.
+
+    Returns
+    -------
+    ForestArrays
+
+    Raises
+    ------
+    ValueError
+        If ``clf`` is not fitted, not a forest classifier, or has several outputs.
+    """
+    estimators = getattr(clf, "estimators_", None)
+    if estimators is None or not hasattr(clf, "classes_"):
+        raise ValueError(
+            f"{type(clf).__name__} is not a fitted forest classifier "
+            "(no estimators_/classes_); call fit() first"
+        )
+    if getattr(clf, "n_outputs_", 1) != 1:
+        raise ValueError(f"only single-output forests are supported, got n_outputs_="
+                         f"{clf.n_outputs_}")
+    if len(estimators) == 0:
+        raise ValueError("forest has no trees")
+    classes = np.asarray(clf.classes_)
+    n_classes = int(classes.shape[0])
+    n_features = int(clf.n_features_in_)
+
+    feats, thrs, lefts, rights, mgls, leaves = [], [], [], [], [], []
+    node_offsets = [0]
+    leaf_offsets = [0]
+    for k, est in enumerate(estimators):
+        tree = getattr(est, "tree_", None)
+        if tree is None:
+            raise ValueError(f"estimator {k} has no tree_ (not a fitted decision tree)")
+        # sklearn's forest encodes y once and fits every tree on all of it (the
+        # bootstrap is done with sample weights), so each tree has all forest classes
+        # in the same order, even if its bootstrap sample missed some (they get 0).
+        # Anything else would make sklearn's own predict_proba fail, so reject it.
+        if est.n_classes_ != n_classes or not np.array_equal(
+            np.asarray(est.classes_, dtype=np.float64), np.arange(n_classes)
+        ):
+            raise ValueError(f"tree {k} has classes {est.classes_!r}, expected the "
+                             f"forest's encoded classes 0..{n_classes - 1}")
+        cl = tree.children_left
+        cr = tree.children_right
+        is_leaf = cl == -1
+        # Compact renumbering preserves order, and sklearn appends children after
+        # their parent, so child > parent still holds afterwards.
+        node_id = np.cumsum(~is_leaf) - 1
+        leaf_id = np.cumsum(is_leaf) - 1
+        base_n, base_l = node_offsets[-1], leaf_offsets[-1]
+        glob = np.where(is_leaf, ~(leaf_id + base_l), node_id + base_n).astype(np.int64)
+        internal = np.flatnonzero(~is_leaf)
+        if np.any(cl[internal] <= internal) or np.any(cr[internal] <= internal):
+            raise ValueError(f"tree {k}: children must follow their parent")
+        feats.append(tree.feature[internal].astype(np.int32))
+        thrs.append(round_threshold_down(tree.threshold[internal]))
+        lefts.append(glob[cl[internal]].astype(np.int32))
+        rights.append(glob[cr[internal]].astype(np.int32))
+        mgl = getattr(tree, "missing_go_to_left", None)
+        mgls.append(
+            np.zeros(internal.size, bool) if mgl is None else mgl[internal].astype(bool)
+        )
+        value = tree.value[is_leaf, 0, :n_classes].astype(np.float64)
+        # Recent sklearn stores fractions already; older stored weighted counts and
+        # normalised in predict_proba.  Normalising again is a no-op for fractions.
+        norm = value.sum(axis=1, keepdims=True)
+        norm[norm == 0.0] = 1.0
+        leaves.append((value / norm).astype(np.float32))
+        node_offsets.append(base_n + internal.size)
+        leaf_offsets.append(base_l + int(is_leaf.sum()))
+
+    return ForestArrays(
+        feature=np.concatenate(feats),
+        threshold=np.concatenate(thrs),
+        left=np.concatenate(lefts),
+        right=np.concatenate(rights),
+        missing_go_left=np.concatenate(mgls),
+        leaf_value=np.ascontiguousarray(np.concatenate(leaves)),
+        node_offsets=np.asarray(node_offsets, dtype=np.int64),
+        leaf_offsets=np.asarray(leaf_offsets, dtype=np.int64),
+        classes=classes,
+        n_features=n_features,
+    )
+
+
+# ---------------------------------------------------------------------- kernel
+@njit(parallel=True, nogil=True, cache=True)
+def _predict_kernel(
+    X: np.ndarray,
+    nodes_i: np.ndarray,
+    nodes_f: np.ndarray,
+    roots: np.ndarray,
+    leaf_value: np.ndarray,
+    block: int,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    n = X.shape[0]
+    n_classes = leaf_value.shape[1]
+    n_trees = roots.shape[0]
+    n_blocks = (n + block - 1) // block
+    for b in prange(n_blocks):
+        start = b * block
+        m = min(n, start + block) - start
+        node = np.empty(m, np.int32)
+        active = np.empty(m, np.int32)
+        # float64 accumulator: summing 100 float32 probabilities in float32 can drift
+        # by a few 1e-6; float64 keeps us ~1e-8 from sklearn's float64 average.
+        acc = np.zeros((m, n_classes), np.float64)
+        # Tree-major inside a block: one tree's nodes stay hot in L1/L2 while every
+        # sample of the block walks it; the independent samples of the inner loop
+        # give the CPU many gathers in flight instead of one dependent chain.
+        for t in range(n_trees):
+            r = roots[t]
+            for i in range(m):
+                node[i] = r
+            if r >= 0:
+                for i in range(m):
+                    active[i] = i
+                n_active = m
+                # Level by level over the still-active samples; samples that reached
+                # a leaf are compacted out branch-free, so the work is the sum of the
+                # path lengths, not block * max depth.
+                while n_active > 0:
+                    k2 = 0
+                    for k in range(n_active):
+                        i = active[k]
+                        nd = node[i]
+                        word = nodes_i[nd, 0]
+                        x = X[start + i, word & 0x7FFFFFFF]
+                        go_left = (x <= nodes_f[nd, 1]) | ((x != x) & (word < 0))
+                        nxt = nodes_i[nd, 2] if go_left else nodes_i[nd, 3]
+                        node[i] = nxt
+                        active[k2] = i
+                        k2 += nxt >= 0
+                    n_active = k2
+            for i in range(m):
+                leaf = ~node[i]
+                for c in range(n_classes):
+                    acc[i, c] += leaf_value[leaf, c]
+        for i in range(m):
+            for c in range(n_classes):
+                out[start + i, c] = acc[i, c] / n_trees
+
+
+def predict_proba(
+    arrays: ForestArrays,
+    X: np.ndarray,
+    *,
+    out: np.ndarray | None = None,
+    block: int = DEFAULT_BLOCK,
+) -> np.ndarray:
+    """Class probabilities of a forest, equal to sklearn's ``predict_proba``.
+
+    Parameters
+    ----------
+    arrays : ForestArrays
+        The forest.
+    X : array_like, shape (n_samples, n_features)
+        Feature rows.  Converted to C-contiguous float32 (a copy if needed), exactly
+        as sklearn does before predicting, so results agree for any input dtype.
+        NaN values are routed like sklearn (``missing_go_left`` of each split);
+        ``+-inf`` compare as ordinary numbers.
+    out : ndarray of float32, shape (n_samples, n_classes), optional
+        C-contiguous array to write into.
+    block : int
+        Samples per parallel block (tuning knob).
+
+    Returns
+    -------
+    ndarray of float32, shape (n_samples, n_classes)
+        Columns follow ``arrays.classes``.  Within ~1e-7 of sklearn's float64 result.
+
+    Raises
+    ------
+    ValueError
+        On wrong shapes or an unusable ``out``.
+    """
+    if not isinstance(arrays, ForestArrays):
+        raise ValueError(f"arrays must be ForestArrays, got {type(arrays).__name__}")
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if X.ndim != 2 or X.shape[1] != arrays.n_features:
+        raise ValueError(f"X must have shape (n_samples, {arrays.n_features}), got {X.shape}")
+    shape = (X.shape[0], arrays.n_classes)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif (
+        not isinstance(out, np.ndarray)
+        or out.shape != shape
+        or out.dtype != np.float32
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise ValueError(f"out must be a writable C-contiguous float32 array of shape {shape}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    if X.shape[0] == 0:
+        return out
+    packed = arrays.packed_nodes
+    if packed.shape[0] == 0:  # every tree is a single leaf: keep indexing valid
+        packed = np.zeros((1, 4), dtype=np.int32)
+    _predict_kernel(
+        X, packed, packed.view(np.float32), arrays.roots, arrays.leaf_value, int(block), out
+    )
+    return out
+
+
+def predict_proba_image(arrays: ForestArrays, features: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """:func:`predict_proba` for feature images of shape ``(..., n_features)``.
+
+    Parameters
+    ----------
+    arrays : ForestArrays
+        The forest.
+    features : array_like, shape (..., n_features)
+        Per-pixel feature vectors, channel last.
+    **kwargs
+        Passed to :func:`predict_proba` (``block``).
+
+    Returns
+    -------
+    ndarray of float32, shape (..., n_classes)
+    """
+    features = np.asarray(features)
+    if features.ndim < 1 or features.shape[-1] != arrays.n_features:
+        raise ValueError(f"features must have shape (..., {arrays.n_features}), "
+                         f"got {features.shape}")
+    lead = features.shape[:-1]
+    proba = predict_proba(arrays, features.reshape(-1, arrays.n_features), **kwargs)
+    return proba.reshape(*lead, arrays.n_classes)
