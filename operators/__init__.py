@@ -5,7 +5,25 @@ nothing of the engine; the operator classes here wrap them and import only
 the engine core (``tda_graph``).
 """
 
+from .classifier import ClassifierNotReady, PixelClassifier, Segmentation, Uncertainty
+from .features import DEFAULT_SELECTION, FeatureFilters, normalize_selection
 from .filters import GaussianSmoothing, MeanFilter, Scale
+from .labels import LabelClass, LabelError, LabelStore
 from .sources import ArraySource
 
-__all__ = ["ArraySource", "GaussianSmoothing", "MeanFilter", "Scale"]
+__all__ = [
+    "ArraySource",
+    "ClassifierNotReady",
+    "DEFAULT_SELECTION",
+    "FeatureFilters",
+    "GaussianSmoothing",
+    "LabelClass",
+    "LabelError",
+    "LabelStore",
+    "MeanFilter",
+    "PixelClassifier",
+    "Scale",
+    "Segmentation",
+    "Uncertainty",
+    "normalize_selection",
+]

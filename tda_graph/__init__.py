@@ -17,7 +17,7 @@ from .errors import (
 )
 from .graph import Graph, RequestFuture
 from .listeners import DirtyEvent, Subscription
-from .operator import InputSlot, NoSettings, Operator, Window
+from .operator import InputSlot, NoSettings, Operator, PrepareContext, Window
 from .planning import Plan, Topology, plan
 from .roi import Roi, bounding_roi, merge_rois
 from .spec import ArraySpec
@@ -36,6 +36,7 @@ __all__ = [
     "Operator",
     "OperatorError",
     "Plan",
+    "PrepareContext",
     "RequestCancelled",
     "RequestFuture",
     "Roi",

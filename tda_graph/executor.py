@@ -23,7 +23,7 @@ import numpy as np
 
 from .cache import BlockCache, Claim
 from .errors import OperatorError, RequestCancelled, TdaError
-from .operator import Operator, Window
+from .operator import Operator, PrepareContext, Window
 from .planning import Plan, Topology
 from .roi import Roi
 from .stats import NodeStats
@@ -89,6 +89,7 @@ class Run:
         stats: Mapping[Operator, NodeStats],
         pool: Executor,
         cancel: threading.Event | None = None,
+        context: PrepareContext | None = None,
     ) -> None:
         self.topo = topology
         self.plan = plan
@@ -96,6 +97,7 @@ class Run:
         self.stats = stats
         self.pool = pool
         self.cancel = cancel or threading.Event()
+        self.context = context
         # Results of this run, kept until it ends so eviction cannot take them away.
         self.blocks: dict[tuple[Operator, tuple[int, ...]], Any] = {}
         self.results: dict[tuple[Operator, Roi], Any] = {}
@@ -165,6 +167,9 @@ class Run:
             fut.add_done_callback(lambda f, t=t: events.put((t, f)))
 
         try:
+            if self.context is not None:
+                for node in self.plan.order:
+                    node.prepare(self.context)
             for t in tasks:
                 if not t.deps:
                     start(t)

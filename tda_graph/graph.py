@@ -18,7 +18,7 @@ from .cache import BlockCache, CacheManager
 from .errors import CycleError, GraphError, IncompatibleInputError, RequestCancelled, SpecError
 from .executor import Run
 from .listeners import DirtyEvent, ListenerList, Subscription
-from .operator import Operator, dirty_output_roi
+from .operator import Operator, PrepareContext, dirty_output_roi
 from .planning import NodeInfo, Plan, Topology, plan
 from .roi import Roi, merge_rois
 from .spec import ArraySpec
@@ -27,6 +27,11 @@ from .stats import NodeStats
 __all__ = ["Graph", "RequestFuture"]
 
 DEFAULT_CACHE_BUDGET = 2 * 1024**3
+
+
+def _presence(caches: dict[Operator, BlockCache]) -> Callable[[Operator, tuple[int, ...]], bool]:
+    """The ``is_cached`` predicate for :func:`plan` over a snapshot of the caches."""
+    return lambda op, idx: caches[op].has(idx)
 
 
 class InlineExecutor(Executor):
@@ -106,6 +111,7 @@ class Graph:
         self._pool: ThreadPoolExecutor | None = None
         self._request_pool: ThreadPoolExecutor | None = None
         self._names: set[str] = set()
+        self._context = PrepareContext(lambda op, roi: self.request(op, roi))
 
     # ================================================================ structure
     def add(
@@ -398,12 +404,7 @@ class Graph:
     def plan(self, output: Operator, roi: RoiLike = None) -> Plan:
         """What a request would compute now: per node, the regions (see :func:`tda_graph.plan`)."""
         self._check_member(output, "plan")
-        topo = self._topo
-        return plan(topo, output, self._as_roi(output, roi), self._is_cached_probe())
-
-    def _is_cached_probe(self) -> Callable[[Operator, tuple[int, ...]], bool]:
-        caches = dict(self._caches)
-        return lambda op, idx: caches[op].has(idx)
+        return plan(self._topo, output, self._as_roi(output, roi), _presence(dict(self._caches)))
 
     @property
     def pool(self) -> ThreadPoolExecutor:
@@ -461,8 +462,8 @@ class Graph:
                 topo = self._topo
                 caches = dict(self._caches)
             try:
-                p = plan(topo, output, r, lambda op, idx: caches[op].has(idx))
-                run = Run(topo, p, caches, self._stats, self.pool, cancel)
+                p = plan(topo, output, r, _presence(caches))
+                run = Run(topo, p, caches, self._stats, self.pool, cancel, self._context)
                 result = run.execute()
             finally:
                 with self._lock:
@@ -486,7 +487,7 @@ class Graph:
             {op: NodeInfo(op, i.inputs, i.spec, None) for op, i in topo.nodes.items()}, list(topo.order)
         )
         scratch = {op: NodeStats() for op in topo.order}
-        return Run(bare, plan(bare, output, r), {}, scratch, InlineExecutor()).execute()
+        return Run(bare, plan(bare, output, r), {}, scratch, InlineExecutor(), None, self._context).execute()
 
     # ================================================================ dirtiness
     def mark_dirty(self, op: Operator, rois: Roi | Iterable[Roi] | None = None) -> None:
@@ -559,6 +560,7 @@ class Graph:
             notes.extend((cb, ev) for cb in self._listeners[op].callbacks())
             spec = self._specs[op]
             for _, child, name in self._nx.out_edges(op, keys=True):
+                child.input_changed(name, rois)
                 cspec = self._specs[child]
                 pending[child].extend(dirty_output_roi(child, name, r, spec, cspec) for r in rois)
         return notes

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from .errors import GraphError, IncompatibleInputError, SettingsError
+from .errors import GraphError, SettingsError
 from .roi import Roi
 from .spec import SPATIAL_AXES, ArraySpec
 
 if TYPE_CHECKING:
     from .graph import Graph
 
-__all__ = ["InputSlot", "Operator", "Window", "NoSettings", "required_input_roi", "dirty_output_roi"]
+__all__ = ["InputSlot", "Operator", "PrepareContext", "Window", "NoSettings", "required_input_roi", "dirty_output_roi"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,13 @@ class InputSlot:
         if self.channels is not None and spec.n_channels != self.channels:
             return f"{spec.n_channels} channels given, {self.channels} required"
         return None
+
+
+@dataclass(frozen=True)
+class PrepareContext:
+    """What :meth:`Operator.prepare` may use: a way to request other nodes."""
+
+    request: Callable[[Operator, Roi], Any]
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,21 @@ class Operator(abc.ABC):
     @abc.abstractmethod
     def compute(self, roi: Roi, inputs: Mapping[str, Window]) -> np.ndarray:
         """Compute the output region ``roi`` from input windows grown by the halo."""
+
+    def prepare(self, context: PrepareContext) -> None:
+        """Hook run in the requesting thread before this node computes for a request.
+
+        Operators with global state (a classifier that trains on labels) bring
+        it up to date here; ``context.request`` may pull other nodes. It runs
+        after the request has claimed its cache blocks, so an input change
+        during preparation still makes those blocks stale. Default: nothing.
+        """
+
+    def input_changed(self, name: str, rois: tuple[Roi, ...]) -> None:
+        """Hook called while a change of input ``name`` over ``rois`` propagates.
+
+        Runs under the graph lock: keep it quick (drop derived state). Default: nothing.
+        """
 
     def settings_dirty(self, old: Any, new: Any, spec: ArraySpec) -> Roi | None:
         """The output region a settings change affects (default: everything; ``None``: nothing)."""

@@ -7,8 +7,8 @@ import numpy as np
 from conftest import Hook
 from scipy import ndimage
 
-from tda_graph import Graph, Roi
 from operators import ArraySource, GaussianSmoothing, Scale
+from tda_graph import Graph, Roi
 
 
 def test_sixteen_threads_same_block_compute_once():
@@ -119,7 +119,7 @@ def test_many_readers_and_writers_stay_consistent():
     readers = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
     for t in readers:
         t.start()
-    for i in range(40):
+    for _ in range(40):
         y, x = rng.integers(0, 180, 2)
         src.write(Roi((y, x), (y + 12, x + 12)), rng.random((12, 12), dtype=np.float32))
     stop.set()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import Hook
 
-from tda_graph import Graph, InputSlot, Roi
 from operators import ArraySource, GaussianSmoothing, MeanFilter, Scale
+from tda_graph import Graph, InputSlot, Roi
 
 
 def test_three_level_chain_dirty_roi_is_edit_grown_by_sum_of_halos():

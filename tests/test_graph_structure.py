@@ -5,6 +5,7 @@ import pytest
 from conftest import Hook
 from scipy import ndimage
 
+from operators import ArraySource, GaussianSmoothing, MeanFilter, Scale
 from tda_graph import (
     CycleError,
     Graph,
@@ -16,7 +17,6 @@ from tda_graph import (
     SpecError,
 )
 from tda_graph.testing import check_spec_pure
-from operators import ArraySource, GaussianSmoothing, MeanFilter, Scale
 
 
 class NeedsYXC(Scale):

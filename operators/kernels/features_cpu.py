@@ -261,39 +261,60 @@ def _eig2(a00, a11, a01):
 
 
 @njit(inline="always", **_JIT)
+def _acos(x):
+    # Abramowitz & Stegun 4.4.46 (|error| <= 2.2e-8 rad), branch free so that
+    # LLVM can vectorise the caller (there is no SIMD libm without SVML)
+    ax = abs(x)
+    p = -0.0012624911
+    p = p * ax + 0.0066700901
+    p = p * ax - 0.0170881256
+    p = p * ax + 0.0308918810
+    p = p * ax - 0.0501743046
+    p = p * ax + 0.0889789874
+    p = p * ax - 0.2145988016
+    p = p * ax + 1.5707963050
+    a = math.sqrt(1.0 - ax) * p
+    return math.pi - a if x < 0.0 else a
+
+
+@njit(inline="always", **_JIT)
+def _cos_sin_small(t):
+    # Taylor series on [0, pi/3] (truncation error < 1e-13)
+    t2 = t * t
+    c = 1.0 + t2 * (-1.0 / 2 + t2 * (1.0 / 24 + t2 * (-1.0 / 720 + t2 * (
+        1.0 / 40320 + t2 * (-1.0 / 3628800 + t2 * (1.0 / 479001600 + t2 * (
+            -1.0 / 87178291200)))))))
+    s = t * (1.0 + t2 * (-1.0 / 6 + t2 * (1.0 / 120 + t2 * (-1.0 / 5040 + t2 * (
+        1.0 / 362880 + t2 * (-1.0 / 39916800 + t2 * (1.0 / 6227020800 + t2 * (
+            -1.0 / 1307674368000))))))))
+    return c, s
+
+
+@njit(inline="always", **_JIT)
 def _eig3(a00, a11, a22, a01, a02, a12):
-    # trigonometric method (Smith 1961) on the shifted, scaled matrix
-    # B = (A - qI)/p; det(B)/2 = cos(3φ).  Robust: p == 0 (multiple of I)
-    # is handled explicitly and cos(3φ) is clamped to [-1, 1].
+    # trigonometric method (Smith 1961) on B = (A - qI)/p with det(B)/2 = cos(3φ).
+    # Robust: a multiple of I (p == 0) gives r = 0 -> all eigenvalues q, and
+    # cos(3φ) is clamped to [-1, 1].  Accuracy ~1e-8·p (polynomial acos).
     q = (a00 + a11 + a22) / 3.0
     b00 = a00 - q
     b11 = a11 - q
     b22 = a22 - q
     p1 = a01 * a01 + a02 * a02 + a12 * a12
     p2 = b00 * b00 + b11 * b11 + b22 * b22 + 2.0 * p1
-    if p2 <= 0.0:
-        return q, q, q
     p = math.sqrt(p2 / 6.0)
     det = (b00 * (b11 * b22 - a12 * a12)
            - a01 * (a01 * b22 - a12 * a02)
            + a02 * (a01 * a12 - b11 * a02))
-    r = det / (2.0 * p * p * p)
-    if r <= -1.0:
-        r = -1.0
-    elif r >= 1.0:
-        r = 1.0
-    phi = math.acos(r) / 3.0
-    c = math.cos(phi)
-    s = math.sin(phi)
-    # cos(phi + 2π/3) = -c/2 - (√3/2) s, saves one cosine
+    den = 2.0 * p * p * p
+    r = det / den if den > 0.0 else 0.0
+    r = min(max(r, -1.0), 1.0)
+    c, s = _cos_sin_small(_acos(r) / 3.0)
+    # cos(phi + 2π/3) = -c/2 - (√3/2) s
     e1 = q + 2.0 * p * c
     e3 = q + 2.0 * p * (-0.5 * c - 0.8660254037844386 * s)
     e2 = 3.0 * q - e1 - e3
-    # guard the order against rounding
-    if e2 > e1:
-        e2 = e1
-    if e2 < e3:
-        e2 = e3
+    # keep the order under rounding
+    e2 = min(max(e2, e3), e1)
     return e1, e2, e3
 
 
@@ -308,67 +329,87 @@ def _emit(planes, out, idx, offs, nd):
     """
     _, nz, ny, nx = planes.shape
     nlines = nz * ny
-    for line in prange(nlines):
-        z = line // ny
-        y = line - z * ny
-        o = out[z, y]
-        if offs[0] >= 0:
-            c = offs[0]
-            s = planes[idx[0], z, y]
-            for x in range(nx):
-                o[x, c] = s[x]
-        if offs[1] >= 0:
-            c = offs[1]
-            h0 = planes[idx[5], z, y]
-            h1 = planes[idx[6], z, y]
-            if nd == 3:
-                h2 = planes[idx[7], z, y]
+    nchunks = min(nlines, 512)
+    for chunk in prange(nchunks):
+        l0 = chunk * nlines // nchunks
+        l1 = (chunk + 1) * nlines // nchunks
+        # contiguous line buffers: the math runs vectorised on them, then one
+        # scalar loop interleaves them into the channel-last output row
+        lb = np.empty((3, nx), np.float32)
+        e0 = lb[0]
+        e1b = lb[1]
+        e2b = lb[2]
+        for line in range(l0, l1):
+            z = line // ny
+            y = line - z * ny
+            o = out[z, y]
+            if offs[0] >= 0:
+                c = offs[0]
+                s = planes[idx[0], z, y]
                 for x in range(nx):
-                    o[x, c] = h0[x] + h1[x] + h2[x]
-            else:
+                    o[x, c] = s[x]
+            if offs[1] >= 0:
+                c = offs[1]
+                h0 = planes[idx[5], z, y]
+                h1 = planes[idx[6], z, y]
+                if nd == 3:
+                    h2 = planes[idx[7], z, y]
+                    for x in range(nx):
+                        o[x, c] = h0[x] + h1[x] + h2[x]
+                else:
+                    for x in range(nx):
+                        o[x, c] = h0[x] + h1[x]
+            if offs[2] >= 0:
+                c = offs[2]
+                g0 = planes[idx[2], z, y]
+                g1 = planes[idx[3], z, y]
+                if nd == 3:
+                    g2 = planes[idx[4], z, y]
+                    for x in range(nx):
+                        e0[x] = np.sqrt(g0[x] * g0[x] + g1[x] * g1[x] + g2[x] * g2[x])
+                else:
+                    for x in range(nx):
+                        e0[x] = np.sqrt(g0[x] * g0[x] + g1[x] * g1[x])
                 for x in range(nx):
-                    o[x, c] = h0[x] + h1[x]
-        if offs[2] >= 0:
-            c = offs[2]
-            g0 = planes[idx[2], z, y]
-            g1 = planes[idx[3], z, y]
-            if nd == 3:
-                g2 = planes[idx[4], z, y]
+                    o[x, c] = e0[x]
+            if offs[3] >= 0:
+                c = offs[3]
+                s = planes[idx[0], z, y]
+                d = planes[idx[1], z, y]
                 for x in range(nx):
-                    o[x, c] = np.sqrt(g0[x] * g0[x] + g1[x] * g1[x] + g2[x] * g2[x])
-            else:
-                for x in range(nx):
-                    o[x, c] = np.sqrt(g0[x] * g0[x] + g1[x] * g1[x])
-        if offs[3] >= 0:
-            c = offs[3]
-            s = planes[idx[0], z, y]
-            d = planes[idx[1], z, y]
-            for x in range(nx):
-                o[x, c] = s[x] - d[x]
-        for f in range(2):
-            c = offs[4 + f]
-            if c < 0:
-                continue
-            base = 11 if f == 0 else 5
-            t00 = planes[idx[base], z, y]
-            t11 = planes[idx[base + 1], z, y]
-            t01 = planes[idx[base + 3], z, y]
-            if nd == 3:
-                t22 = planes[idx[base + 2], z, y]
-                t02 = planes[idx[base + 4], z, y]
-                t12 = planes[idx[base + 5], z, y]
-                for x in range(nx):
-                    e1, e2, e3 = _eig3(np.float64(t00[x]), np.float64(t11[x]),
-                                       np.float64(t22[x]), np.float64(t01[x]),
-                                       np.float64(t02[x]), np.float64(t12[x]))
-                    o[x, c] = e1
-                    o[x, c + 1] = e2
-                    o[x, c + 2] = e3
-            else:
-                for x in range(nx):
-                    e1, e2 = _eig2(np.float64(t00[x]), np.float64(t11[x]), np.float64(t01[x]))
-                    o[x, c] = e1
-                    o[x, c + 1] = e2
+                    o[x, c] = s[x] - d[x]
+            for f in range(2):
+                c = offs[4 + f]
+                if c < 0:
+                    continue
+                base = 11 if f == 0 else 5
+                t00 = planes[idx[base], z, y]
+                t11 = planes[idx[base + 1], z, y]
+                t01 = planes[idx[base + 3], z, y]
+                if nd == 3:
+                    t22 = planes[idx[base + 2], z, y]
+                    t02 = planes[idx[base + 4], z, y]
+                    t12 = planes[idx[base + 5], z, y]
+                    for x in range(nx):
+                        v1, v2, v3 = _eig3(np.float64(t00[x]), np.float64(t11[x]),
+                                           np.float64(t22[x]), np.float64(t01[x]),
+                                           np.float64(t02[x]), np.float64(t12[x]))
+                        e0[x] = v1
+                        e1b[x] = v2
+                        e2b[x] = v3
+                    for x in range(nx):
+                        o[x, c] = e0[x]
+                        o[x, c + 1] = e1b[x]
+                        o[x, c + 2] = e2b[x]
+                else:
+                    for x in range(nx):
+                        v1, v2 = _eig2(np.float64(t00[x]), np.float64(t11[x]),
+                                       np.float64(t01[x]))
+                        e0[x] = v1
+                        e1b[x] = v2
+                    for x in range(nx):
+                        o[x, c] = e0[x]
+                        o[x, c + 1] = e1b[x]
 
 
 @njit(parallel=True, **_JIT)
@@ -565,31 +606,24 @@ def compute_features(image: np.ndarray, selection: Sequence[tuple[str, float]], 
             # plane layout (see _emit): diagonal tensor entries at base+axis,
             # off-diagonal (01, 02, 12) at base+3+k
             pairs = [(0, 1), (0, 2), (1, 2)] if nd == 3 else [(0, 1)]
-            idx = np.full(17, -1, np.int64)
-            nplanes = 0
-
-            def alloc(slot: int) -> None:
-                nonlocal nplanes
-                idx[slot] = nplanes
-                nplanes += 1
-
+            slots: list[int] = []
             if need_s:
-                alloc(0)
+                slots.append(0)
             if need_d:
-                alloc(1)
+                slots.append(1)
             for a in range(nd):
                 if need_g:
-                    alloc(2 + a)
+                    slots.append(2 + a)
                 if need_hd:
-                    alloc(5 + a)
+                    slots.append(5 + a)
             if need_ho:
-                for k in range(len(pairs)):
-                    alloc(8 + k)
+                slots.extend(8 + k for k in range(len(pairs)))
             if need_st:
-                for a in range(nd):
-                    alloc(11 + a)
-                for k in range(len(pairs)):
-                    alloc(14 + k)
+                slots.extend(11 + a for a in range(nd))
+                slots.extend(14 + k for k in range(len(pairs)))
+            idx = np.full(17, -1, np.int64)
+            idx[slots] = np.arange(len(slots))
+            nplanes = len(slots)
             if planes is None or planes.shape[0] < nplanes:
                 planes = np.empty((max(nplanes, 1),) + shape3, np.float32)
             needed: dict[tuple[int, ...], np.ndarray] = {}

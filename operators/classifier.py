@@ -1,0 +1,285 @@
+"""Pixel classification: a random forest trained on labelled voxels, and its views.
+
+:class:`PixelClassifier` has two inputs: ``features`` (regional: a pixel's
+probabilities depend only on its own feature vector) and ``labels`` (global:
+new labels retrain the forest, which changes every output voxel). Training is
+lazy: it happens in :meth:`PixelClassifier.prepare`, in the requesting thread,
+once per label/feature version however many tiles ask at once. The training
+matrix is kept per block of a fixed grid; a label or feature change only
+rebuilds the rows of the blocks it touches.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tda_graph import ArraySpec, InputSlot, Operator, PrepareContext, Roi, SettingsError, SpecError, TdaError, Window
+from tda_graph.roi import block_roi
+
+from .kernels import forest_cpu
+
+__all__ = ["PixelClassifier", "ClassifierNotReady", "Segmentation", "Uncertainty"]
+
+
+class ClassifierNotReady(TdaError):
+    """The forest cannot be trained yet (fewer than two classes labelled)."""
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    class_names: tuple[str, ...] = ("background", "foreground")
+    n_trees: int = 100
+    max_depth: int | None = None
+    seed: int = 0
+    n_jobs: int | None = -1
+    row_block: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
+        if len(self.class_names) < 2:
+            raise SettingsError(f"need at least two class names, got {self.class_names}")
+        if int(self.n_trees) < 1:
+            raise SettingsError(f"n_trees must be >= 1, got {self.n_trees}")
+        if self.max_depth is not None and int(self.max_depth) < 1:
+            raise SettingsError(f"max_depth must be None or >= 1, got {self.max_depth}")
+        if int(self.row_block) < 1:
+            raise SettingsError(f"row_block must be >= 1, got {self.row_block}")
+
+
+@dataclass
+class _Rows:
+    X: np.ndarray
+    y: np.ndarray
+
+
+class PixelClassifier(Operator):
+    """Random-forest class probabilities per voxel (float32, one channel per class).
+
+    Inputs: ``features`` (spatial axes + ``c``, float) and ``labels`` (same
+    spatial shape, unsigned ints, 0 = unlabelled, value ``k`` = class ``k``).
+    Classes nobody labelled get probability 0.
+
+    Attributes
+    ----------
+    counters : dict
+        ``trainings``, ``row_blocks_rebuilt``, ``training_samples``,
+        ``training_seconds`` (cumulative).
+    """
+
+    inputs = (
+        InputSlot("features", axes=("yxc", "zyxc"), dtype_kinds="f"),
+        InputSlot("labels", axes=("yx", "zyx"), dtype_kinds="u", dependency="global"),
+    )
+    Settings = ClassifierSettings
+    cached = True
+
+    def __init__(self, **kw: Any) -> None:
+        if "class_names" in kw:
+            kw["class_names"] = tuple(kw["class_names"])
+        super().__init__(**kw)
+        self._train_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._rows: dict[tuple[int, ...], _Rows | None] = {}
+        self._stale_rows: set[tuple[int, ...]] = set()
+        self._token = 0  # bumped by every input change or settings change
+        self._forest: forest_cpu.ForestArrays | None = None
+        self._forest_token = -1
+        self.counters = {"trainings": 0, "row_blocks_rebuilt": 0, "training_samples": 0, "training_seconds": 0.0}
+
+    # -- specs -------------------------------------------------------------------------------
+    def output_spec(self, inputs: Mapping[str, ArraySpec]) -> ArraySpec:
+        f, lab = inputs["features"], inputs["labels"]
+        spatial = tuple(n for a, n in zip(f.axes, f.shape) if a != "c")
+        if lab.shape != spatial or lab.axes != f.spatial_axes:
+            raise SpecError(
+                f"labels {lab.describe()} do not match the features' spatial shape {spatial} ({f.spatial_axes})"
+            )
+        names = self.settings.class_names
+        return ArraySpec(spatial + (len(names),), np.float32, f.spatial_axes + "c", names)
+
+    def input_roi(self, name: str, roi: Roi, out_spec: ArraySpec, in_spec: ArraySpec) -> Roi:
+        if name == "labels":  # global input: compute() does not read it
+            return Roi((0,) * in_spec.ndim, (1,) * in_spec.ndim)
+        return super().input_roi(name, roi, out_spec, in_spec)
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """``"trained"``, ``"outdated"`` (inputs changed since training) or ``"untrained"``."""
+        if self._forest is None:
+            return "untrained"
+        return "trained" if self._forest_token == self._token else "outdated"
+
+    @property
+    def forest(self) -> forest_cpu.ForestArrays | None:
+        return self._forest
+
+    def set_forest(self, forest: forest_cpu.ForestArrays) -> None:
+        """Install a trained forest (e.g. loaded from a project); it counts as current."""
+        with self._state_lock:
+            self._forest = forest
+            self._forest_token = self._token
+        if self._graph is not None:
+            self._graph.mark_dirty(self)
+
+    def input_changed(self, name: str, rois: tuple[Roi, ...]) -> None:
+        with self._state_lock:
+            self._token += 1
+            grid = self._grid()
+            for r in rois:
+                spatial = Roi(r.start[: len(grid)], r.stop[: len(grid)])
+                self._stale_rows.update(spatial.block_indices(grid))
+
+    def settings_dirty(self, old: Any, new: Any, spec: ArraySpec) -> Roi | None:
+        with self._state_lock:
+            self._token += 1
+            self._forest = None
+            if old.row_block != new.row_block:
+                self._rows.clear()
+                self._stale_rows.clear()
+        return Roi.full(spec.shape)
+
+    def _grid(self) -> tuple[int, ...]:
+        return (self.settings.row_block,) * len(self.spec.spatial_axes)
+
+    # -- training -------------------------------------------------------------------------------
+    def prepare(self, context: PrepareContext) -> None:
+        with self._train_lock:  # one training per version, however many requests arrive
+            with self._state_lock:
+                if self._forest is not None and self._forest_token == self._token:
+                    return
+                token = self._token
+            self._train(context, token)
+
+    def _label_blocks(self, labels_node: Operator) -> set[tuple[int, ...]]:
+        grid = self._grid()
+        shape = labels_node.spec.shape
+        rois = getattr(labels_node, "labelled_rois", None)
+        if rois is None:  # any label source: scan it once
+            return {tuple(i) for i in Roi.full(shape).block_indices(grid)}
+        out: set[tuple[int, ...]] = set()
+        for r in rois():
+            out.update(r.block_indices(grid))
+        return out
+
+    def _train(self, context: PrepareContext, token: int) -> None:
+        t0 = time.perf_counter()
+        ups = self.graph.inputs_of(self)
+        feats_node, labels_node = ups["features"], ups["labels"]
+        grid = self._grid()
+        shape = labels_node.spec.shape
+        wanted = self._label_blocks(labels_node)
+        with self._state_lock:
+            stale = (self._stale_rows | (wanted - set(self._rows))) & wanted
+            self._stale_rows = set()
+            for idx in set(self._rows) - wanted:
+                self._rows.pop(idx, None)
+        rebuilt = 0
+        for idx in sorted(stale):
+            broi = block_roi(idx, grid, shape)
+            lab = context.request(labels_node, broi)
+            mask = lab > 0
+            if not mask.any():
+                self._rows[idx] = None
+                continue
+            f = context.request(feats_node, Roi(broi.start + (0,), broi.stop + (feats_node.spec.n_channels,)))
+            self._rows[idx] = _Rows(np.ascontiguousarray(f[mask], np.float32), lab[mask].astype(np.int32))
+            rebuilt += 1
+        parts = [r for r in self._rows.values() if r is not None]
+        classes = np.unique(np.concatenate([p.y for p in parts])) if parts else np.zeros(0, np.int32)
+        n_classes = len(self.settings.class_names)
+        if classes.size and classes.max() > n_classes:
+            raise ClassifierNotReady(
+                f"labels use value {int(classes.max())} but the classifier has {n_classes} classes "
+                f"({', '.join(self.settings.class_names)}); add the class or erase those labels"
+            )
+        if classes.size < 2:
+            found = ", ".join(self.settings.class_names[c - 1] for c in classes) or "none"
+            with self._state_lock:
+                self._forest = None
+            raise ClassifierNotReady(
+                f"need at least two classes labelled to train the forest (labelled so far: {found}); "
+                "paint at least one stroke of a second class"
+            )
+        X = np.concatenate([p.X for p in parts])
+        y = np.concatenate([p.y for p in parts])
+        forest = train_forest(X, y, self.settings)
+        with self._state_lock:
+            self._forest = forest
+            self._forest_token = token
+        self.counters["trainings"] += 1
+        self.counters["row_blocks_rebuilt"] += rebuilt
+        self.counters["training_samples"] = int(y.size)
+        self.counters["training_seconds"] += time.perf_counter() - t0
+
+    # -- prediction --------------------------------------------------------------------------------
+    def compute(self, roi: Roi, inputs: Mapping[str, Window]) -> np.ndarray:
+        forest = self._forest
+        if forest is None:
+            raise ClassifierNotReady("the forest is not trained; label at least two classes and request again")
+        w = inputs["features"]
+        spatial = self.spec.spatial_axes
+        feats = w.crop(roi, spatial)  # all feature channels
+        probs = forest_cpu.predict_proba_image(forest, feats)
+        out = np.zeros(roi.shape[:-1] + (len(self.settings.class_names),), np.float32)
+        cols = np.asarray(forest.classes, dtype=np.int64) - 1
+        out[..., cols] = probs
+        return out[..., roi.start[-1] : roi.stop[-1]]
+
+
+def train_forest(X: np.ndarray, y: np.ndarray, settings: ClassifierSettings) -> forest_cpu.ForestArrays:
+    """Fit sklearn's RandomForestClassifier and convert it to plain arrays."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    clf = RandomForestClassifier(
+        n_estimators=int(settings.n_trees),
+        max_depth=settings.max_depth,
+        random_state=settings.seed,
+        n_jobs=settings.n_jobs,
+    )
+    clf.fit(X, y)
+    return forest_cpu.forest_arrays_from_sklearn(clf)
+
+
+class Segmentation(Operator):
+    """Most probable class per voxel as its label value (1..K), ``uint8``."""
+
+    inputs = (InputSlot("probabilities", dtype_kinds="f"),)
+    cached = False
+
+    def output_spec(self, inputs: Mapping[str, ArraySpec]) -> ArraySpec:
+        p = inputs["probabilities"]
+        if "c" not in p.axes:
+            raise SpecError(f"probabilities need a channel axis, got axes {p.axes!r}")
+        return ArraySpec(tuple(n for a, n in zip(p.axes, p.shape) if a != "c"), np.uint8, p.spatial_axes)
+
+    def compute(self, roi: Roi, inputs: Mapping[str, Window]) -> np.ndarray:
+        w = inputs["probabilities"]
+        p = w.crop(roi, self.spec.axes)
+        return (np.argmax(p, axis=-1) + 1).astype(np.uint8)
+
+
+class Uncertainty(Operator):
+    """``1 - (p_best - p_second)``: 0 where the forest is sure, 1 where two classes tie."""
+
+    inputs = (InputSlot("probabilities", dtype_kinds="f"),)
+    cached = False
+
+    def output_spec(self, inputs: Mapping[str, ArraySpec]) -> ArraySpec:
+        p = inputs["probabilities"]
+        if "c" not in p.axes or p.n_channels < 2:
+            raise SpecError(f"probabilities need at least two channels, got {p.describe()}")
+        return ArraySpec(tuple(n for a, n in zip(p.axes, p.shape) if a != "c"), np.float32, p.spatial_axes)
+
+    def compute(self, roi: Roi, inputs: Mapping[str, Window]) -> np.ndarray:
+        w = inputs["probabilities"]
+        p = np.sort(w.crop(roi, self.spec.axes), axis=-1)
+        return (1.0 - (p[..., -1] - p[..., -2])).astype(np.float32)
+
+

@@ -1,0 +1,1 @@
+"""Workflows built from the engine and the operator library (above both layers)."""
