@@ -46,8 +46,13 @@ def cached_chain(workers: int, repeat: int) -> dict[str, float]:
     ref = timeit(lambda: data[256:768, 256:768].copy(), repeat)
     g.close()
     med, ref_med = statistics.median(times), statistics.median(ref)
-    return {"median_ms": med * 1e3, "p90_ms": sorted(times)[int(0.9 * len(times))] * 1e3,
-            "numpy_copy_ms": ref_med * 1e3, "overhead_ms": (med - ref_med) * 1e3, "blocks_recomputed": blocks}
+    return {
+        "median_ms": med * 1e3,
+        "p90_ms": sorted(times)[int(0.9 * len(times))] * 1e3,
+        "numpy_copy_ms": ref_med * 1e3,
+        "overhead_ms": (med - ref_med) * 1e3,
+        "blocks_recomputed": blocks,
+    }
 
 
 def uncached_chain(workers: int, side: int, block: int) -> dict[str, float]:
@@ -63,8 +68,14 @@ def uncached_chain(workers: int, side: int, block: int) -> dict[str, float]:
     n_blocks = g.stats(node)["blocks_computed"]
     n_tasks = sum(s["blocks_computed"] for s in g.stats().values())
     g.close()
-    return {"blocks": n_blocks, "tasks": n_tasks, "seconds": dt, "blocks_per_s": n_blocks / dt,
-            "tasks_per_s": n_tasks / dt, "us_per_task": dt / n_tasks * 1e6}
+    return {
+        "blocks": n_blocks,
+        "tasks": n_tasks,
+        "seconds": dt,
+        "blocks_per_s": n_blocks / dt,
+        "tasks_per_s": n_tasks / dt,
+        "us_per_task": dt / n_tasks * 1e6,
+    }
 
 
 def main() -> None:
@@ -77,14 +88,18 @@ def main() -> None:
     c = cached_chain(workers, rep)
     print(f"workers={workers}")
     print("cached 512x512 ROI through a 5-operator chain (all blocks cached):")
-    print(f"  median {c['median_ms']:.3f} ms  p90 {c['p90_ms']:.3f} ms  "
-          f"(numpy copy of the same bytes {c['numpy_copy_ms']:.3f} ms; engine overhead {c['overhead_ms']:.3f} ms; "
-          f"blocks recomputed {c['blocks_recomputed']})")
+    print(
+        f"  median {c['median_ms']:.3f} ms  p90 {c['p90_ms']:.3f} ms  "
+        f"(numpy copy of the same bytes {c['numpy_copy_ms']:.3f} ms; engine overhead {c['overhead_ms']:.3f} ms; "
+        f"blocks recomputed {c['blocks_recomputed']})"
+    )
     for side, block in ((1024, 64), (2048, 64)) if not a.quick else ((1024, 64),):
         u = uncached_chain(workers, side, block)
         print(f"uncached chain of 5 trivial ops, {side}x{side}, blocks {block}x{block}:")
-        print(f"  {u['blocks']} output blocks ({u['tasks']} operator calls) in {u['seconds']:.3f} s -> "
-              f"{u['blocks_per_s']:.0f} blocks/s, {u['tasks_per_s']:.0f} calls/s, {u['us_per_task']:.0f} us/call")
+        print(
+            f"  {u['blocks']} output blocks ({u['tasks']} operator calls) in {u['seconds']:.3f} s -> "
+            f"{u['blocks_per_s']:.0f} blocks/s, {u['tasks_per_s']:.0f} calls/s, {u['us_per_task']:.0f} us/call"
+        )
 
 
 if __name__ == "__main__":

@@ -65,9 +65,12 @@ def child(kind: str, impl: str, shape: tuple[int, ...], repeat: int) -> dict:
         # steady state with a preallocated output (the operator's cache block)
         buf = np.empty(shape + (ft.n_output_channels(sel, len(shape)),), np.float32)
         buf.fill(0)
-        t = time.perf_counter()
-        fc.compute_features(img, sel, out=buf)
-        res["time_out"] = time.perf_counter() - t
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fc.compute_features(img, sel, out=buf)
+            times.append(time.perf_counter() - t)
+        res["time_out"] = min(times)
         out = buf
     res["n_out"] = int(out.shape[-1])
     res["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -90,10 +93,18 @@ def _timed(f) -> float:
 
 
 def run_child(kind: str, impl: str, shape, repeat: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, impl, "--shape", ",".join(map(str, shape)),
-           "--repeat", str(repeat)]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        impl,
+        "--shape",
+        ",".join(map(str, shape)),
+        "--repeat",
+        str(repeat),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -116,13 +127,18 @@ def main() -> None:
     shapes = QUICK if a.quick else SHAPES
     # children first: ru_maxrss survives fork+exec, so the parent stays small
     results = {}
-    for kind in ([a.only] if a.only else ["2d", "3d"]):
+    for kind in [a.only] if a.only else ["2d", "3d"]:
         shape = shapes[kind]
-        results[kind] = (shape, run_child(kind, "ours", shape, a.repeat),
-                         None if a.no_reference else run_child(kind, "ref", shape, 1))
+        results[kind] = (
+            shape,
+            run_child(kind, "ours", shape, a.repeat),
+            None if a.no_reference else run_child(kind, "ref", shape, 1),
+        )
     bw = memcpy_bandwidth()
-    print(f"cores: {os.cpu_count()}  numba threads: {numba.get_num_threads()}  "
-          f"memcpy bandwidth: {bw / 1e9:.1f} GB/s  load average: {os.getloadavg()[0]:.2f}")
+    print(
+        f"cores: {os.cpu_count()}  numba threads: {numba.get_num_threads()}  "
+        f"memcpy bandwidth: {bw / 1e9:.1f} GB/s  load average: {os.getloadavg()[0]:.2f}"
+    )
     rows = []
     for kind, (shape, ours, ref) in results.items():
         nvox = int(np.prod(shape))
@@ -130,16 +146,20 @@ def main() -> None:
         floor = (nvox * 4 + nvox * n_out * 4) / bw
         rows.append((kind, shape, n_out, ours, ref, nvox, floor))
 
-    hdr = (f"{'case':4s} {'shape':>14s} {'ch':>3s} {'ref s':>8s} {'ours s':>7s} {'ours(out=) s':>12s} "
-           f"{'speedup':>8s} {'Mvox/s':>7s} {'warmup s':>8s} {'peakRSS ours MB':>15s} "
-           f"{'peakRSS ref MB':>14s} {'bw floor s':>10s}")
+    hdr = (
+        f"{'case':4s} {'shape':>14s} {'ch':>3s} {'ref s':>8s} {'ours s':>7s} {'ours(out=) s':>12s} "
+        f"{'speedup':>8s} {'Mvox/s':>7s} {'warmup s':>8s} {'peakRSS ours MB':>15s} "
+        f"{'peakRSS ref MB':>14s} {'bw floor s':>10s}"
+    )
     print(hdr)
     for kind, shape, n_out, ours, ref, nvox, floor in rows:
         rt = ref["time"] if ref else float("nan")
-        print(f"{kind:4s} {'x'.join(map(str, shape)):>14s} {n_out:3d} {rt:8.2f} {ours['time']:7.2f} "
-              f"{ours['time_out']:12.2f} {rt / ours['time']:7.1f}x {nvox / ours['time'] / 1e6:7.1f} "
-              f"{ours['warmup']:8.2f} {ours['maxrss_mb']:15.0f} "
-              f"{(ref['maxrss_mb'] if ref else float('nan')):14.0f} {floor:10.3f}")
+        print(
+            f"{kind:4s} {'x'.join(map(str, shape)):>14s} {n_out:3d} {rt:8.2f} {ours['time']:7.2f} "
+            f"{ours['time_out']:12.2f} {rt / ours['time']:7.1f}x {nvox / ours['time'] / 1e6:7.1f} "
+            f"{ours['warmup']:8.2f} {ours['maxrss_mb']:15.0f} "
+            f"{(ref['maxrss_mb'] if ref else float('nan')):14.0f} {floor:10.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -92,6 +92,9 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=None, help="max_depth (default unlimited)")
     ap.add_argument("--trees", type=int, default=None, help="n_estimators (default 100)")
     ap.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="kernel block size")
+    ap.add_argument(
+        "--label-noise", type=float, default=0.0, help="fraction of training labels replaced at random (deeper trees)"
+    )
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions (best of)")
     args = ap.parse_args()
 
@@ -104,23 +107,29 @@ def main() -> None:
     feat = features(img)
     X = feat.reshape(-1, feat.shape[-1])
     y = labels.ravel()
-    print(f"data: {X.shape[0]} samples x {X.shape[1]} features, classes "
-          f"{np.bincount(y).tolist()} ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"data: {X.shape[0]} samples x {X.shape[1]} features, classes "
+        f"{np.bincount(y).tolist()} ({time.perf_counter() - t0:.1f} s)"
+    )
 
     rng = np.random.default_rng(1)
     train = rng.choice(X.shape[0], size=min(10_000, X.shape[0]), replace=False)
+    y_train = y[train].copy()
+    flip = rng.random(y_train.size) < args.label_noise
+    y_train[flip] = rng.integers(0, y.max() + 1, int(flip.sum()))
     t0 = time.perf_counter()
     clf = RandomForestClassifier(n_trees, max_depth=args.depth, n_jobs=2, random_state=0)
-    clf.fit(X[train], y[train])
+    clf.fit(X[train], y_train)
     depths = [e.tree_.max_depth for e in clf.estimators_]
-    print(f"train: {n_trees} trees, max_depth={args.depth}, tree depth "
-          f"{min(depths)}..{max(depths)}, {time.perf_counter() - t0:.1f} s")
+    print(
+        f"train: {n_trees} trees, max_depth={args.depth}, tree depth "
+        f"{min(depths)}..{max(depths)}, {time.perf_counter() - t0:.1f} s"
+    )
 
     t0 = time.perf_counter()
     arrays = forest_arrays_from_sklearn(clf)
     t_conv = time.perf_counter() - t0
-    print(f"convert: {arrays.n_nodes} internal nodes, {arrays.n_leaves} leaves, "
-          f"{t_conv * 1e3:.1f} ms")
+    print(f"convert: {arrays.n_nodes} internal nodes, {arrays.n_leaves} leaves, {t_conv * 1e3:.1f} ms")
 
     t0 = time.perf_counter()
     predict_proba(arrays, X[:100], block=args.block)
@@ -139,8 +148,7 @@ def main() -> None:
     t_nb, p_nb = best(lambda: predict_proba(arrays, X, out=out, block=args.block))
     n = X.shape[0]
     print(f"sklearn predict_proba (n_jobs=2): {t_sk:.3f} s  {n / t_sk / 1e6:.2f} M samples/s")
-    print(f"numba predict_proba (block={args.block}): {t_nb:.3f} s  "
-          f"{n / t_nb / 1e6:.2f} M samples/s")
+    print(f"numba predict_proba (block={args.block}): {t_nb:.3f} s  {n / t_nb / 1e6:.2f} M samples/s")
     print(f"speed-up: {t_sk / t_nb:.2f}x")
     print(f"max |diff|: {np.abs(p_nb.astype(np.float64) - p_sk).max():.3g}")
 

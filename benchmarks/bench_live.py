@@ -130,17 +130,23 @@ def main() -> None:
         "HessianOfGaussianEigenvalues": [1.6, 3.5],
     }
     r2 = live(raw, gt, Roi((256, 256), (768, 768)), "yx", a.trees, n, sel)
-    print(f"2D {name}, 512x512 viewport, {r2['channels']} feature channels, {a.trees} trees, {r2['n']} strokes "
-          f"(features cached in {r2['features_s']:.2f} s first): median {r2['median_ms']:.0f} ms, "
-          f"p90 {r2['p90_ms']:.0f} ms, {r2['samples']} training samples at the end")
+    print(
+        f"2D {name}, 512x512 viewport, {r2['channels']} feature channels, {a.trees} trees, {r2['n']} strokes "
+        f"(features cached in {r2['features_s']:.2f} s first): median {r2['median_ms']:.0f} ms, "
+        f"p90 {r2['p90_ms']:.0f} ms, {r2['samples']} training samples at the end"
+    )
     raw3, gt3, name3 = load_3d()
     r3 = live(raw3, gt3, Roi((32, 32, 32), (160, 160, 160)), "zyx", a.trees, n, sel)
-    print(f"3D {name3}, 128³ viewport, {r3['channels']} feature channels, {a.trees} trees, {r3['n']} strokes "
-          f"(features cached in {r3['features_s']:.2f} s first): median {r3['median_ms']:.0f} ms, "
-          f"p90 {r3['p90_ms']:.0f} ms, {r3['samples']} training samples at the end")
+    print(
+        f"3D {name3}, 128³ viewport, {r3['channels']} feature channels, {a.trees} trees, {r3['n']} strokes "
+        f"(features cached in {r3['features_s']:.2f} s first): median {r3['median_ms']:.0f} ms, "
+        f"p90 {r3['p90_ms']:.0f} ms, {r3['samples']} training samples at the end"
+    )
     fs = forest_speed(a.trees, 200_000 if a.quick else 1_000_000)
-    print(f"forest prediction, {a.trees} trees, 24 features: ours {fs['ours_s']:.3f} s, sklearn predict_proba "
-          f"{fs['sklearn_s']:.3f} s -> {fs['ratio']:.1f}x (max |diff| {fs['max_diff']:.1e})")
+    print(
+        f"forest prediction, {a.trees} trees, 24 features: ours {fs['ours_s']:.3f} s, sklearn predict_proba "
+        f"{fs['sklearn_s']:.3f} s -> {fs['ratio']:.1f}x (max |diff| {fs['max_diff']:.1e})"
+    )
 
 
 if __name__ == "__main__":

@@ -157,6 +157,10 @@ class PixelClassifier(Operator):
                 token = self._token
             self._train(context, token)
 
+    def is_prepared(self) -> bool:
+        with self._state_lock:
+            return self._forest is not None and self._forest_token == self._token
+
     def _label_blocks(self, labels_node: Operator) -> set[tuple[int, ...]]:
         grid = self._grid()
         shape = labels_node.spec.shape
@@ -281,5 +285,3 @@ class Uncertainty(Operator):
         w = inputs["probabilities"]
         p = np.sort(w.crop(roi, self.spec.axes), axis=-1)
         return (1.0 - (p[..., -1] - p[..., -2])).astype(np.float32)
-
-

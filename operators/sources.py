@@ -26,9 +26,7 @@ class ArraySource(Operator):
         Names of the channels when ``axes`` has ``"c"``.
     """
 
-    def __init__(
-        self, data: Any, axes: str, *, channel_names: Sequence[str] = (), name: str | None = None
-    ) -> None:
+    def __init__(self, data: Any, axes: str, *, channel_names: Sequence[str] = (), name: str | None = None) -> None:
         super().__init__(name=name)
         self._lock = threading.Lock()
         self._version = 0

@@ -156,7 +156,7 @@ class Run:
     def execute(self) -> Any:
         """Compute everything the plan needs and return the requested array."""
         self.stats[self.plan.output].add(requests=1)
-        tasks = self._build_tasks()
+        tasks = self._prepare_and_claim()
         events: queue.SimpleQueue = queue.SimpleQueue()
         pending = set(tasks)
         started: set[_Task] = set()
@@ -167,9 +167,6 @@ class Run:
             fut.add_done_callback(lambda f, t=t: events.put((t, f)))
 
         try:
-            if self.context is not None:
-                for node in self.plan.order:
-                    node.prepare(self.context)
             for t in tasks:
                 if not t.deps:
                     start(t)
@@ -208,6 +205,27 @@ class Run:
             for t in tasks:
                 if t.claim is not None and t not in started:
                     self.caches[t.node].abandon(t.claim, err)
+
+    def _prepare_and_claim(self) -> list[_Task]:
+        """Prepare the planned nodes, then claim blocks; again if an input changed in between.
+
+        Preparing first lets ``prepare`` request other nodes without waiting on
+        this run's own claims. Claims record block versions, so a change after
+        claiming is caught by the stale-write guard; a change between preparing
+        and claiming is caught here by :meth:`Operator.is_prepared`.
+        """
+        while True:
+            if self.context is not None:
+                for node in self.plan.order:
+                    node.prepare(self.context)
+            tasks = self._build_tasks()
+            if all(node.is_prepared() for node in self.plan.order):
+                return tasks
+            err = RequestCancelled("the request that claimed this block is preparing again")
+            for t in tasks:
+                if t.claim is not None:
+                    self.caches[t.node].abandon(t.claim, err)
+            self.blocks.clear()
 
     def _run_task(self, t: _Task) -> None:
         if self.cancel.is_set():

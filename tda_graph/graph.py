@@ -323,8 +323,7 @@ class Graph:
     def _rebuild_topology(self) -> None:
         order = list(nx.topological_sort(self._nx))
         infos = {
-            op: NodeInfo(op, tuple(self._inputs[op].items()), self._specs[op], self._block_shapes[op])
-            for op in order
+            op: NodeInfo(op, tuple(self._inputs[op].items()), self._specs[op], self._block_shapes[op]) for op in order
         }
         self._topo = Topology.build(infos, order)
 
@@ -449,9 +448,7 @@ class Graph:
         pool.submit(work)
         return fut
 
-    def _request(
-        self, output: Operator, roi: RoiLike, max_retries: int, cancel: threading.Event | None
-    ) -> np.ndarray:
+    def _request(self, output: Operator, roi: RoiLike, max_retries: int, cancel: threading.Event | None) -> np.ndarray:
         self._check_member(output, "request")
         r = self._as_roi(output, roi)
         result = None

@@ -214,9 +214,15 @@ class Operator(abc.ABC):
 
         Operators with global state (a classifier that trains on labels) bring
         it up to date here; ``context.request`` may pull other nodes. It runs
-        after the request has claimed its cache blocks, so an input change
-        during preparation still makes those blocks stale. Default: nothing.
+        before the request claims its cache blocks (so nested requests never
+        wait on this request's own claims); :meth:`is_prepared` is checked
+        again after claiming, and the request prepares again if an input
+        changed in between. Default: nothing.
         """
+
+    def is_prepared(self) -> bool:
+        """Whether the state :meth:`prepare` builds is current (default: always)."""
+        return True
 
     def input_changed(self, name: str, rois: tuple[Roi, ...]) -> None:
         """Hook called while a change of input ``name`` over ``rois`` propagates.

@@ -173,3 +173,50 @@ def test_train_forest_is_deterministic():
     a = train_forest(X, y, ClassifierSettings(n_trees=5, seed=1))
     b = train_forest(X, y, ClassifierSettings(n_trees=5, seed=1))
     np.testing.assert_array_equal(a.threshold, b.threshold)
+
+
+def build_with_cached_features(shape=(128, 160)):
+    from operators import FeatureFilters
+
+    rng = np.random.default_rng(4)
+    img = rng.normal(0, 0.2, shape).astype(np.float32)
+    img[: shape[0] // 2] += 1.0
+    g = Graph(workers=2)
+    src = g.add(ArraySource(img, axes="yx"))
+    feats = g.add(FeatureFilters({"GaussianSmoothing": (1.0,), "GaussianGradientMagnitude": (1.0,)}), image=src)
+    lab = g.add(LabelStore(shape, "yx", ("bg", "fg")))
+    clf = g.add(PixelClassifier(class_names=("bg", "fg"), n_trees=5), features=feats, labels=lab)
+    return g, feats, lab, clf
+
+
+def test_cold_request_through_cached_features_does_not_deadlock():
+    """Training pulls feature blocks that the same request needs: it must not wait on itself."""
+    g, feats, lab, clf = build_with_cached_features()
+    seg = g.add(Segmentation(), probabilities=clf)
+    stroke(lab, 10, 10, 2, 30)
+    stroke(lab, 100, 10, 1, 30)
+    fut = g.request_async(seg)
+    s = fut.result(timeout=60)
+    assert clf.counters["trainings"] == 1
+    assert (s[:64] == 2).mean() > 0.9 and (s[64:] == 1).mean() > 0.9
+
+
+def test_stroke_between_training_and_claiming_retrains():
+    """An edit after prepare() but before blocks are claimed is not served with the old forest."""
+    g, feats, lab, clf = build_with_cached_features()
+    stroke(lab, 10, 10, 2, 30)
+    stroke(lab, 100, 10, 1, 30)
+    orig = clf.prepare
+    calls = []
+
+    def prepare_then_edit(context):
+        orig(context)
+        calls.append(1)
+        if len(calls) == 1:  # lands after training, before this request claims its blocks
+            stroke(lab, 12, 10, 1, 30)
+
+    clf.prepare = prepare_then_edit
+    p = g.request(clf)
+    clf.prepare = orig
+    assert len(calls) == 2 and clf.counters["trainings"] == 2 and clf.state == "trained"
+    np.testing.assert_array_equal(p, g.recompute(clf))

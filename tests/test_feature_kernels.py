@@ -144,9 +144,14 @@ def test_full_selection_multichannel_2d() -> None:
 def test_multichannel_3d_dtypes(dtype) -> None:
     rng = np.random.default_rng(5)
     img = (rng.random((20, 22, 24, 3)) * 1000 - (0 if np.dtype(dtype).kind == "u" else 500)).astype(dtype)
-    sel = [("HessianOfGaussianEigenvalues", 1.0), ("GaussianSmoothing", 0.3),
-           ("DifferenceOfGaussians", 1.6), ("StructureTensorEigenvalues", 0.7),
-           ("GaussianGradientMagnitude", 1.0), ("LaplacianOfGaussian", 3.5)]
+    sel = [
+        ("HessianOfGaussianEigenvalues", 1.0),
+        ("GaussianSmoothing", 0.3),
+        ("DifferenceOfGaussians", 1.6),
+        ("StructureTensorEigenvalues", 0.7),
+        ("GaussianGradientMagnitude", 1.0),
+        ("LaplacianOfGaussian", 3.5),
+    ]
     got = fc.compute_features(img, sel)
     ref = ref_compute_features(img, sel)
     assert got.shape == (20, 22, 24, 3 * (3 + 1 + 1 + 3 + 1 + 1))
@@ -155,20 +160,40 @@ def test_multichannel_3d_dtypes(dtype) -> None:
 
 def test_output_order_and_out_param(img2d: np.ndarray) -> None:
     img = np.stack([img2d, 2 * img2d[::-1]], axis=-1).astype(np.float32)
-    sel = [("StructureTensorEigenvalues", 1.0), ("GaussianSmoothing", 1.0),
-           ("GaussianSmoothing", 3.5), ("StructureTensorEigenvalues", 1.0)]
+    sel = [
+        ("StructureTensorEigenvalues", 1.0),
+        ("GaussianSmoothing", 1.0),
+        ("GaussianSmoothing", 3.5),
+        ("StructureTensorEigenvalues", 1.0),
+    ]
     out = np.full(img.shape[:2] + (12,), np.nan, np.float32)
     res = fc.compute_features(img, sel, out=out)
     assert res is out
     for c in range(2):
         b = 6 * c
         st = fc.structure_tensor_eigenvalues(img[..., c], 1.0)
-        assert np.array_equal(out[..., b:b + 2], st)
+        assert np.array_equal(out[..., b : b + 2], st)
         assert np.array_equal(out[..., b + 2], fc.gaussian_smoothing(img[..., c], 1.0))
         assert np.array_equal(out[..., b + 3], fc.gaussian_smoothing(img[..., c], 3.5))
-        assert np.array_equal(out[..., b + 4:b + 6], st)
+        assert np.array_equal(out[..., b + 4 : b + 6], st)
+    # a non-contiguous out (channel slice of a bigger array) is written in place
+    big = np.zeros(img.shape[:2] + (20,), np.float32)
+    fc.compute_features(img, sel, out=big[..., 4:16])
+    assert np.array_equal(big[..., 4:16], out)
     with pytest.raises(ValueError, match="out must be float32"):
         fc.compute_features(img, sel, out=np.empty(img.shape[:2] + (11,), np.float32))
+
+
+def test_scratch_and_batching_do_not_change_results(monkeypatch) -> None:
+    img = np.random.default_rng(12).random((40, 38, 36, 1)).astype(np.float32)
+    sel = ft.all_features_selection()
+    ref = fc.compute_features(img, sel)
+    # one σ group per emit, nothing kept between calls
+    monkeypatch.setattr(fc, "PLANES_BUDGET_BYTES", 0)
+    monkeypatch.setattr(fc, "SCRATCH_KEEP_BYTES", 0)
+    fc.clear_scratch()
+    assert np.array_equal(fc.compute_features(img, sel), ref)
+    assert np.array_equal(fc.compute_features(img, sel), ref)
 
 
 @pytest.mark.parametrize("fid", ["StructureTensorEigenvalues", "HessianOfGaussianEigenvalues"])
@@ -210,14 +235,15 @@ def test_feature_table() -> None:
     assert len(sel) == 7 + 5 * 6
     assert ft.n_output_channels(sel, 3) == 61 and ft.n_output_channels(sel, 2) == 49
     names = ft.channel_names([("GaussianSmoothing", 1.0), ("HessianOfGaussianEigenvalues", 1.6)], 3)
-    assert names == ("Gaussian Smoothing (σ=1.0)", "Hessian of Gaussian Eigenvalues (σ=1.6) [0]",
-                     "Hessian of Gaussian Eigenvalues (σ=1.6) [1]",
-                     "Hessian of Gaussian Eigenvalues (σ=1.6) [2]")
+    assert names == (
+        "Gaussian Smoothing (σ=1.0)",
+        "Hessian of Gaussian Eigenvalues (σ=1.6) [0]",
+        "Hessian of Gaussian Eigenvalues (σ=1.6) [1]",
+        "Hessian of Gaussian Eigenvalues (σ=1.6) [2]",
+    )
     names = ft.channel_names([("StructureTensorEigenvalues", 0.7)], 3, in_2d=True)
-    assert names == ("Structure Tensor Eigenvalues (σ=0.7) in 2D [0]",
-                     "Structure Tensor Eigenvalues (σ=0.7) in 2D [1]")
-    names = ft.channel_names([("DifferenceOfGaussians", 5)], 2, n_input_channels=2,
-                             input_channel_names=["r", "g"])
+    assert names == ("Structure Tensor Eigenvalues (σ=0.7) in 2D [0]", "Structure Tensor Eigenvalues (σ=0.7) in 2D [1]")
+    names = ft.channel_names([("DifferenceOfGaussians", 5)], 2, n_input_channels=2, input_channel_names=["r", "g"])
     assert names == ("r: Difference of Gaussians (σ=5.0)", "g: Difference of Gaussians (σ=5.0)")
     assert ft.halo([("GaussianSmoothing", 0.3)]) == 2
     assert ft.halo([("GaussianSmoothing", 10.0), ("StructureTensorEigenvalues", 5.0)]) == 35
@@ -225,15 +251,18 @@ def test_feature_table() -> None:
     assert ft.halo([]) == 0
 
 
-@pytest.mark.parametrize("sel, shape, in_2d, match", [
-    ([("Bogus", 1.0)], (50, 50), False, "unknown feature id"),
-    ([("LaplacianOfGaussian", 0.3)], (50, 50), False, "σ=0.3"),
-    ([("GaussianSmoothing", 0.5)], (50, 50), False, "σ=0.5"),
-    ([("GaussianSmoothing", 10.0)], (50, 35), False, r"σ=10.0.*axis 'x'"),
-    ([("HessianOfGaussianEigenvalues", 3.5)], (10, 50, 50), False, r"σ=3.5.*axis 'z'"),
-    ([("GaussianSmoothing", 1.0)], (50,), False, "2 or 3 spatial axes"),
-    ([("GaussianSmoothing", 1.0)], (50, 50), True, "in_2d"),
-])
+@pytest.mark.parametrize(
+    "sel, shape, in_2d, match",
+    [
+        ([("Bogus", 1.0)], (50, 50), False, "unknown feature id"),
+        ([("LaplacianOfGaussian", 0.3)], (50, 50), False, "σ=0.3"),
+        ([("GaussianSmoothing", 0.5)], (50, 50), False, "σ=0.5"),
+        ([("GaussianSmoothing", 10.0)], (50, 35), False, r"σ=10.0.*axis 'x'"),
+        ([("HessianOfGaussianEigenvalues", 3.5)], (10, 50, 50), False, r"σ=3.5.*axis 'z'"),
+        ([("GaussianSmoothing", 1.0)], (50,), False, "2 or 3 spatial axes"),
+        ([("GaussianSmoothing", 1.0)], (50, 50), True, "in_2d"),
+    ],
+)
 def test_validation_errors(sel, shape, in_2d, match) -> None:
     with pytest.raises(ValueError, match=match):
         ft.validate(sel, shape, in_2d)
@@ -276,23 +305,40 @@ def _window_matches_full(img: np.ndarray, sel, in_2d: bool, n_rois: int, seed: i
         assert np.array_equal(sub[local], full[tuple(roi)]), (roi, win)
 
 
-@pytest.mark.parametrize("sel", [
-    ft.all_features_selection()[:12],  # up to σ=1.6 ...
-    [("StructureTensorEigenvalues", 3.5), ("DifferenceOfGaussians", 1.0),
-     ("HessianOfGaussianEigenvalues", 1.6), ("GaussianSmoothing", 0.3)],
-    [("GaussianGradientMagnitude", 5.0), ("LaplacianOfGaussian", 0.7)],
-])
+@pytest.mark.parametrize(
+    "sel",
+    [
+        ft.all_features_selection()[:12],  # up to σ=1.6 ...
+        [
+            ("StructureTensorEigenvalues", 3.5),
+            ("DifferenceOfGaussians", 1.0),
+            ("HessianOfGaussianEigenvalues", 1.6),
+            ("GaussianSmoothing", 0.3),
+        ],
+        [("GaussianGradientMagnitude", 5.0), ("LaplacianOfGaussian", 0.7)],
+    ],
+)
 def test_window_exactness_2d(sel) -> None:
     img = np.random.default_rng(8).random((120, 97, 2)).astype(np.float32)
     _window_matches_full(img, sel, False, 8, 9)
 
 
-@pytest.mark.parametrize("sel, in_2d", [
-    ([("StructureTensorEigenvalues", 1.0), ("HessianOfGaussianEigenvalues", 0.7),
-      ("GaussianSmoothing", 0.3), ("DifferenceOfGaussians", 1.6)], False),
-    ([("HessianOfGaussianEigenvalues", 3.5), ("GaussianGradientMagnitude", 1.0)], False),
-    ([("StructureTensorEigenvalues", 1.6), ("LaplacianOfGaussian", 3.5)], True),
-])
+@pytest.mark.parametrize(
+    "sel, in_2d",
+    [
+        (
+            [
+                ("StructureTensorEigenvalues", 1.0),
+                ("HessianOfGaussianEigenvalues", 0.7),
+                ("GaussianSmoothing", 0.3),
+                ("DifferenceOfGaussians", 1.6),
+            ],
+            False,
+        ),
+        ([("HessianOfGaussianEigenvalues", 3.5), ("GaussianGradientMagnitude", 1.0)], False),
+        ([("StructureTensorEigenvalues", 1.6), ("LaplacianOfGaussian", 3.5)], True),
+    ],
+)
 def test_window_exactness_3d(sel, in_2d: bool) -> None:
     img = (np.random.default_rng(10).random((34, 45, 39, 1)) * 255).astype(np.uint8)
     _window_matches_full(img, sel, in_2d, 6, 11)
@@ -306,9 +352,14 @@ def test_real_data_isbi_crop() -> None:
     h5py = pytest.importorskip("h5py")
     with h5py.File(path, "r") as f:
         raw = f["raw"][0, :256, :256]
-    sel = [("GaussianSmoothing", 0.3), ("LaplacianOfGaussian", 1.0),
-           ("GaussianGradientMagnitude", 1.6), ("DifferenceOfGaussians", 3.5),
-           ("StructureTensorEigenvalues", 5.0), ("HessianOfGaussianEigenvalues", 10.0)]
+    sel = [
+        ("GaussianSmoothing", 0.3),
+        ("LaplacianOfGaussian", 1.0),
+        ("GaussianGradientMagnitude", 1.6),
+        ("DifferenceOfGaussians", 3.5),
+        ("StructureTensorEigenvalues", 5.0),
+        ("HessianOfGaussianEigenvalues", 10.0),
+    ]
     got = fc.compute_features(raw[..., None], sel)
     ref = ref_compute_features(raw[..., None], sel)
     assert np.all(per_channel_rel_err(got, ref) < RTOL)

@@ -39,8 +39,7 @@ def test_gpu_gaussian(order, sigma: float) -> None:
     assert np.abs(got - ref).max() / np.abs(ref).max() < RTOL
 
 
-@pytest.mark.parametrize("shape, in_2d", [((80, 75, 2), False), ((40, 42, 38, 1), False),
-                                         ((6, 40, 45, 1), True)])
+@pytest.mark.parametrize("shape, in_2d", [((80, 75, 2), False), ((40, 42, 38, 1), False), ((6, 40, 45, 1), True)])
 def test_gpu_full_selection(shape, in_2d: bool) -> None:
     img = (np.random.default_rng(1).random(shape) * 255).astype(np.uint8)
     sel = ft.all_features_selection()
@@ -49,7 +48,8 @@ def test_gpu_full_selection(shape, in_2d: bool) -> None:
     ref = ref_compute_features(img, sel, in_2d=in_2d)
     assert gpu.shape == cpu.shape == ref.shape and gpu.dtype == np.float32
     assert np.all(per_channel_rel_err(gpu, ref) < RTOL)
-    assert np.all(per_channel_rel_err(gpu, cpu.astype(np.float64)) < RTOL)
+    # both are within RTOL of the reference, so within 2*RTOL of each other
+    assert np.all(per_channel_rel_err(gpu, cpu.astype(np.float64)) < 2 * RTOL)
 
 
 def test_gpu_validation() -> None:

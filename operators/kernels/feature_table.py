@@ -106,8 +106,7 @@ def n_channels(feature_id: str, ndim_spatial: int) -> int:
     return ndim_spatial if feature_id in _EIGEN else 1
 
 
-def n_output_channels(selection: Sequence[tuple[str, float]], ndim_spatial: int,
-                      n_input_channels: int = 1) -> int:
+def n_output_channels(selection: Sequence[tuple[str, float]], ndim_spatial: int, n_input_channels: int = 1) -> int:
     """Total channels produced by :func:`compute_features` for ``selection``."""
     per = sum(n_channels(fid, ndim_spatial) for fid, _ in selection)
     return per * int(n_input_channels)
@@ -118,9 +117,13 @@ def _fmt_sigma(sigma: float) -> str:
     return repr(float(sigma))
 
 
-def channel_names(selection: Sequence[tuple[str, float]], ndim_spatial: int,
-                  in_2d: bool = False, n_input_channels: int = 1,
-                  input_channel_names: Sequence[str] | None = None) -> tuple[str, ...]:
+def channel_names(
+    selection: Sequence[tuple[str, float]],
+    ndim_spatial: int,
+    in_2d: bool = False,
+    n_input_channels: int = 1,
+    input_channel_names: Sequence[str] | None = None,
+) -> tuple[str, ...]:
     """ilastik-style channel names, in the order :func:`compute_features` writes them.
 
     Parameters
@@ -180,8 +183,7 @@ def halo(selection: Sequence[tuple[str, float]]) -> int:
     return h
 
 
-def validate(selection: Sequence[tuple[str, float]], spatial_shape: Sequence[int],
-             in_2d: bool = False) -> None:
+def validate(selection: Sequence[tuple[str, float]], spatial_shape: Sequence[int], in_2d: bool = False) -> None:
     """Raise ``ValueError`` if ``selection`` cannot be computed on ``spatial_shape``.
 
     Checks: known feature ids, σ allowed for the feature, 2 or 3 spatial axes,
@@ -204,14 +206,15 @@ def validate(selection: Sequence[tuple[str, float]], spatial_shape: Sequence[int
         _check_id(fid)
         if not any(math.isclose(float(sigma), s) for s in valid_sigmas(fid)):
             raise ValueError(
-                f"scale σ={sigma} is not allowed for {fid}; "
-                f"valid scales: {', '.join(map(str, valid_sigmas(fid)))}")
+                f"scale σ={sigma} is not allowed for {fid}; valid scales: {', '.join(map(str, valid_sigmas(fid)))}"
+            )
         need = kernel_radius(sigma) + 1
         for ax in filtered:
             if need > spatial_shape[ax]:
                 raise ValueError(
                     f"scale σ={sigma} of {fid} needs at least {need} pixels along axis "
-                    f"'{axis_names[ax]}' (axis {ax}), but it has {spatial_shape[ax]}")
+                    f"'{axis_names[ax]}' (axis {ax}), but it has {spatial_shape[ax]}"
+                )
 
 
 def all_features_selection() -> list[tuple[str, float]]:

@@ -58,9 +58,15 @@ def _pass(x: Any, sigma: float, order: int, axis: int) -> Any:
     return cndi.correlate1d(x, w, axis=axis, mode="reflect", output=cp.float32)
 
 
-def gaussian(image: Any, sigma: float, *, order: int | Sequence[int] = 0,
-             axes: Sequence[int] | None = None, out: Any = None,
-             truncate: float = ft.TRUNCATE) -> Any:
+def gaussian(
+    image: Any,
+    sigma: float,
+    *,
+    order: int | Sequence[int] = 0,
+    axes: Sequence[int] | None = None,
+    out: Any = None,
+    truncate: float = ft.TRUNCATE,
+) -> Any:
     """Separable Gaussian (derivative) filter on the GPU; see ``features_cpu.gaussian``."""
     cp = _cupy()
     import cupyx.scipy.ndimage as cndi
@@ -78,8 +84,7 @@ def gaussian(image: Any, sigma: float, *, order: int | Sequence[int] = 0,
     radius = ft.kernel_radius(sigma, truncate)
     cur = x.astype(cp.float32, copy=True)
     for ax, o in zip(axes_t, orders):
-        w = cp.asarray(np.ascontiguousarray(gaussian_kernel1d(sigma, o, radius)[::-1],
-                                            dtype=np.float32))
+        w = cp.asarray(np.ascontiguousarray(gaussian_kernel1d(sigma, o, radius)[::-1], dtype=np.float32))
         cur = cndi.correlate1d(cur, w, axis=ax, mode="reflect", output=cp.float32)
     if out is not None:
         out[...] = cur
@@ -91,14 +96,17 @@ def gaussian(image: Any, sigma: float, *, order: int | Sequence[int] = 0,
 def _kernels() -> dict[str, Any]:
     cp = _cupy()
     eig2 = cp.ElementwiseKernel(
-        "float32 a00, float32 a11, float32 a01", "float32 e0, float32 e1",
+        "float32 a00, float32 a11, float32 a01",
+        "float32 e0, float32 e1",
         """
         double m = 0.5 * ((double)a00 + (double)a11);
         double h = 0.5 * ((double)a00 - (double)a11);
         double d = sqrt(h * h + (double)a01 * (double)a01);
         e0 = (float)(m + d);
         e1 = (float)(m - d);
-        """, "tda_eig2")
+        """,
+        "tda_eig2",
+    )
     eig3 = cp.ElementwiseKernel(
         "float32 f00, float32 f11, float32 f22, float32 f01, float32 f02, float32 f12",
         "float32 e0, float32 e1, float32 e2",
@@ -120,12 +128,15 @@ def _kernels() -> dict[str, Any]:
         double v2 = 3.0 * q - v1 - v3;
         v2 = fmin(fmax(v2, v3), v1);
         e0 = (float)v1; e1 = (float)v2; e2 = (float)v3;
-        """, "tda_eig3")
+        """,
+        "tda_eig3",
+    )
     return {"eig2": eig2, "eig3": eig3}
 
 
-def compute_features(image: Any, selection: Sequence[tuple[str, float]], *,
-                     in_2d: bool = False, out: Any = None) -> Any:
+def compute_features(
+    image: Any, selection: Sequence[tuple[str, float]], *, in_2d: bool = False, out: Any = None
+) -> Any:
     """GPU version of :func:`operators.kernels.features_cpu.compute_features`.
 
     Parameters and channel order are identical; ``image`` may be a numpy or
@@ -154,8 +165,7 @@ def compute_features(image: Any, selection: Sequence[tuple[str, float]], *,
         src = image[..., c].astype(cp.float32)
         memo: dict[tuple[float, tuple[int, ...]], Any] = {}
 
-        def deriv(sigma: float, orders: tuple[int, ...], base: Any = src,
-                  memo: dict = memo) -> Any:
+        def deriv(sigma: float, orders: tuple[int, ...], base: Any = src, memo: dict = memo) -> Any:
             # memoised on the order prefix: shared leading passes are done once
             key = (sigma, orders)
             if key in memo:
@@ -193,8 +203,7 @@ def compute_features(image: Any, selection: Sequence[tuple[str, float]], *,
                 out[..., off] = deriv(sigma, zero) - _smooth(src, s2, faxes)
             else:
                 # tensor entries in the order 00, 11(, 22), 01(, 02, 12)
-                pairs = [(i_, i_) for i_ in range(nd)] + (
-                    [(0, 1), (0, 2), (1, 2)] if nd == 3 else [(0, 1)])
+                pairs = [(i_, i_) for i_ in range(nd)] + ([(0, 1), (0, 2), (1, 2)] if nd == 3 else [(0, 1)])
                 if fid == "StructureTensorEigenvalues":
                     g = [deriv(sigma, unit((a, 1))) for a in range(nd)]
                     so = ft.ST_OUTER_RATIO * sigma

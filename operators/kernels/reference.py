@@ -19,8 +19,9 @@ from . import feature_table as ft
 __all__ = ["ref_gaussian", "ref_feature", "ref_compute_features"]
 
 
-def ref_gaussian(img: np.ndarray, sigma: float, order: Sequence[int] | int = 0,
-                 axes: Sequence[int] | None = None) -> np.ndarray:
+def ref_gaussian(
+    img: np.ndarray, sigma: float, order: Sequence[int] | int = 0, axes: Sequence[int] | None = None
+) -> np.ndarray:
     """``scipy.ndimage.gaussian_filter`` in float64 with radius ``ceil(3.5σ)``."""
     img = np.asarray(img, dtype=np.float64)
     axes = tuple(range(img.ndim)) if axes is None else tuple(axes)
@@ -71,8 +72,7 @@ def ref_feature(img: np.ndarray, fid: str, sigma: float, in_2d: bool = False) ->
     raise ValueError(f"unknown feature {fid!r}")
 
 
-def ref_compute_features(image: np.ndarray, selection: Sequence[tuple[str, float]],
-                         in_2d: bool = False) -> np.ndarray:
+def ref_compute_features(image: np.ndarray, selection: Sequence[tuple[str, float]], in_2d: bool = False) -> np.ndarray:
     """Reference for :func:`features_cpu.compute_features` (float64, same channel order)."""
     chans = []
     for c in range(image.shape[-1]):
