@@ -58,12 +58,16 @@ def load_3d() -> tuple[np.ndarray, np.ndarray, str]:
     return em.raw, em.membranes, "synthetic EM 192³ (membranes)"
 
 
-def live(raw, gt, viewport: Roi, axes: str, trees: int, n_strokes: int, selection) -> dict:
+def live(raw, gt, viewport: Roi, axes: str, trees: int, n_strokes: int, selection, depth: int | None = None) -> dict:
     g = Graph()
     src = g.add(ArraySource(raw, axes=axes))
     feats = g.add(FeatureFilters(selection), image=src)
     lab = g.add(LabelStore(raw.shape, axes, ("background", "foreground")))
-    clf = g.add(PixelClassifier(class_names=("background", "foreground"), n_trees=trees), features=feats, labels=lab)
+    clf = g.add(
+        PixelClassifier(class_names=("background", "foreground"), n_trees=trees, max_depth=depth),
+        features=feats,
+        labels=lab,
+    )
     fvp = Roi(viewport.start + (0,), viewport.stop + (feats.spec.shape[-1],))
     t0 = time.perf_counter()
     g.request(feats, fvp)
@@ -118,6 +122,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--trees", type=int, default=100)
     ap.add_argument("--strokes", type=int, default=20)
+    ap.add_argument("--depth", type=int, default=None, help="forest max_depth (default unlimited, like ilastik)")
     a = ap.parse_args()
     n = 5 if a.quick else a.strokes
     raw, gt, name = load_2d()
@@ -129,16 +134,18 @@ def main() -> None:
         "StructureTensorEigenvalues": [1.6],
         "HessianOfGaussianEigenvalues": [1.6, 3.5],
     }
-    r2 = live(raw, gt, Roi((256, 256), (768, 768)), "yx", a.trees, n, sel)
+    r2 = live(raw, gt, Roi((256, 256), (768, 768)), "yx", a.trees, n, sel, a.depth)
     print(
-        f"2D {name}, 512x512 viewport, {r2['channels']} feature channels, {a.trees} trees, {r2['n']} strokes "
+        f"2D {name}, 512x512 viewport, {r2['channels']} feature channels, {a.trees} trees "
+        f"(max_depth {a.depth}), {r2['n']} strokes "
         f"(features cached in {r2['features_s']:.2f} s first): median {r2['median_ms']:.0f} ms, "
         f"p90 {r2['p90_ms']:.0f} ms, {r2['samples']} training samples at the end"
     )
     raw3, gt3, name3 = load_3d()
-    r3 = live(raw3, gt3, Roi((32, 32, 32), (160, 160, 160)), "zyx", a.trees, n, sel)
+    r3 = live(raw3, gt3, Roi((32, 32, 32), (160, 160, 160)), "zyx", a.trees, n, sel, a.depth)
     print(
-        f"3D {name3}, 128³ viewport, {r3['channels']} feature channels, {a.trees} trees, {r3['n']} strokes "
+        f"3D {name3}, 128³ viewport, {r3['channels']} feature channels, {a.trees} trees "
+        f"(max_depth {a.depth}), {r3['n']} strokes "
         f"(features cached in {r3['features_s']:.2f} s first): median {r3['median_ms']:.0f} ms, "
         f"p90 {r3['p90_ms']:.0f} ms, {r3['samples']} training samples at the end"
     )

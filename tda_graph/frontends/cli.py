@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tda_graph import Graph, Roi, TdaError
+from tda_graph import Roi, TdaError
 
 from .atomic import atomic_path
 
@@ -29,40 +29,66 @@ def _save_png(path: Path, panels: list[np.ndarray]) -> None:
         Image.fromarray(row).save(tmp, format="PNG")
 
 
+def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    return float((pred & gt).sum() / max(1, (pred | gt).sum()))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Engine demo on a generated EM-like image: ROI request, edit, precise recompute."""
-    from operators import ArraySource, GaussianSmoothing
+    """The workflow on a generated EM-like image: strokes → features → forest, then one more stroke, live."""
     from operators.kernels.synthetic import em_like
+
+    from ..workflows.pixel_classification import TrainableDomainAdaptation
+    from ..workflows.strokes import simulate_strokes
 
     out = Path(args.out)
     t0 = time.perf_counter()
     em = em_like((args.size, args.size), seed=args.seed)
-    g = Graph(workers=args.workers)
-    src = g.add(ArraySource(em.raw.copy(), axes="yx", name="raw"))
-    smooth = g.add(GaussianSmoothing(sigma=2.0, name="smooth"), image=src)
-    view = Roi((args.size // 4,) * 2, (args.size // 4 + 512,) * 2).clip((args.size, args.size))
-    first = g.request(smooth, view)
-    s1 = g.stats(smooth)
-    stroke = Roi((view.start[0] + 100, view.start[1] + 100), (view.start[0] + 110, view.start[1] + 110))
-    src.write(stroke, 255)
-    g.reset_stats()
-    second = g.request(smooth, view)
-    s2 = g.stats(smooth)
+    gt = em.mitochondria > 0
+    wf = TrainableDomainAdaptation(
+        em.raw, axes="yx", class_names=("background", "mitochondria"), n_trees=args.trees, workers=args.workers
+    )
+    strokes = simulate_strokes({1: ~gt, 2: gt}, pixels_per_class=args.pixels, seed=args.seed)
+    painted = np.zeros(gt.shape, np.uint8)
+    with wf.strokes():  # many strokes, one dirty event, one training
+        for s in strokes:
+            wf.paint(s.roi, s.mask, s.label)
+            painted[s.roi.to_slices()][s.mask] = s.label
+    t1 = time.perf_counter()
+    prob = wf.request("probabilities")[..., 1]
+    seg = wf.request("segmentation")
+    t_first = time.perf_counter() - t1
+    # live update: one more stroke, then only a viewport is predicted again
+    side = min(512, args.size)
+    view = Roi((0, 0), (side, side))
+    extra = simulate_strokes({2: gt}, pixels_per_class=40, seed=args.seed + 1)[0]
+    before = wf.graph.stats(wf.probabilities)["voxels_computed"]
+    t1 = time.perf_counter()
+    wf.paint(extra.roi, extra.mask, extra.label)
+    wf.request("probabilities", Roi(view.start + (0,), view.stop + (2,)))
+    t_live = time.perf_counter() - t1
+    recomputed = wf.graph.stats(wf.probabilities)["voxels_computed"] - before
     summary = {
-        "image": list(em.raw.shape),
+        "image": f"synthetic EM-like {args.size}x{args.size} (seed {args.seed})",
+        "strokes": len(strokes),
+        "labelled_pixels": int((painted > 0).sum()),
+        "forest": {"trees": args.trees, "trainings": wf.probabilities.counters["trainings"]},
+        "forest_iou_mitochondria": round(_iou(seg == 2, gt), 4),
+        "chance_iou": round(_iou(np.ones_like(gt), gt), 4),
+        "first_prediction_s": round(t_first, 3),
+        "stroke_to_viewport_s": round(t_live, 3),
         "viewport": repr(view),
-        "first_request": {k: s1[k] for k in ("blocks_computed", "voxels_computed", "cache_hits")},
-        "after_edit": {k: s2[k] for k in ("blocks_computed", "voxels_computed", "cache_hits")},
-        "edit": repr(stroke),
+        "pixels_predicted_after_stroke": int(recomputed // 2),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    _save_png(out / "overview.png", [em.raw[view.to_slices()], first, second])
+    _save_png(out / "overview.png", [em.raw, painted, prob, seg])
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
-    print(g.to_dot() if args.dot else "", end="")
+    if args.dot:
+        print(wf.graph.to_dot())
     print(json.dumps(summary, indent=2))
-    print(f"wrote {out / 'overview.png'} and {out / 'summary.json'}")
-    g.close()
+    panels = "raw | strokes | forest probability | segmentation"
+    print(f"wrote {out / 'overview.png'} ({panels}) and {out / 'summary.json'}")
+    wf.close()
     return 0
 
 
@@ -71,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run the demo on a generated EM-like image (offline)")
     d.add_argument("--out", default="tda-demo-out", help="output folder (default: %(default)s)")
-    d.add_argument("--size", type=int, default=1024, help="image side in pixels (default: %(default)s)")
+    d.add_argument("--size", type=int, default=768, help="image side in pixels (default: %(default)s)")
+    d.add_argument("--trees", type=int, default=100, help="forest size (default: %(default)s)")
+    d.add_argument("--pixels", type=int, default=400, help="labelled pixels per class (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
     d.add_argument("--dot", action="store_true", help="also print the graph in Graphviz dot syntax")

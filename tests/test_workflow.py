@@ -1,0 +1,73 @@
+"""The TrainableDomainAdaptation workflow object and the `tda demo` command."""
+
+import json
+
+import numpy as np
+import pytest
+
+from operators.kernels.synthetic import em_like
+from tda_graph import Roi, SettingsError
+from tda_graph.frontends.cli import main
+from tda_graph.workflows.pixel_classification import TrainableDomainAdaptation
+from tda_graph.workflows.strokes import simulate_strokes
+
+
+@pytest.fixture
+def em():
+    return em_like((192, 192), seed=3)
+
+
+def paint_truth(wf, gt, n=150, seed=0):
+    with wf.strokes():
+        for s in simulate_strokes({1: ~gt, 2: gt}, pixels_per_class=n, seed=seed):
+            wf.paint(s.roi, s.mask, s.label)
+
+
+def test_workflow_outputs_by_name_and_roi_equals_full(em):
+    gt = em.mitochondria > 0
+    with TrainableDomainAdaptation(em.raw, n_trees=15, workers=2) as wf:
+        paint_truth(wf, gt)
+        full = wf.request("probabilities")
+        assert full.shape == (192, 192, 2)
+        np.testing.assert_array_equal(wf.request("probabilities", Roi((10, 20, 1), (50, 90, 2))), full[10:50, 20:90, 1:])
+        seg = wf.request("segmentation")
+        np.testing.assert_array_equal(seg, full.argmax(-1) + 1)
+        assert wf.probabilities.counters["trainings"] == 1
+        iou = ((seg == 2) & gt).sum() / ((seg == 2) | gt).sum()
+        assert iou > 3 * gt.mean()
+        assert wf.request("features").shape[-1] == wf.features.spec.n_channels
+
+
+def test_workflow_subscribe_freeze_and_errors(em):
+    gt = em.mitochondria > 0
+    wf = TrainableDomainAdaptation(em.raw, n_trees=10, workers=1)
+    events = []
+    sub = wf.subscribe("segmentation", events.append)
+    paint_truth(wf, gt)
+    assert len(events) == 1  # one batch of strokes, one event
+    before = wf.request("segmentation")
+    wf.freeze()
+    wf.paint(Roi((0, 0), (1, 40)), np.ones((1, 40), bool), 2)
+    np.testing.assert_array_equal(wf.request("segmentation"), before)  # live update off
+    wf.unfreeze()
+    assert wf.request("probabilities").shape == (192, 192, 2)
+    with pytest.raises(SettingsError, match="unknown output 'probs'; choose one of"):
+        wf.output("probs")
+    with pytest.raises(SettingsError, match="needs an enhancer"):
+        wf.output("enhanced")
+    with pytest.raises(SettingsError, match="channel must be a label value between 1 and 2"):
+        TrainableDomainAdaptation(em.raw, channel=3)
+    with pytest.raises(SettingsError, match="cannot guess the axes of a 4-D image"):
+        TrainableDomainAdaptation(np.zeros((2, 2, 2, 2)))
+    sub.disconnect()
+    wf.paint(Roi((5, 0), (6, 40)), np.ones((1, 40), bool), 1)
+    assert len(events) == 2  # the unfreeze released one merged event; none after disconnect
+    wf.close()
+
+
+def test_demo_command_writes_outputs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--size", "256", "--trees", "20", "--pixels", "200"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["forest_iou_mitochondria"] > 2 * summary["chance_iou"]
+    assert summary["pixels_predicted_after_stroke"] == 256 * 256
+    assert (tmp_path / "overview.png").stat().st_size > 1000
