@@ -7,6 +7,7 @@ the engine core (``tda_graph``).
 
 from .classifier import ClassifierNotReady, PixelClassifier, Segmentation, Uncertainty
 from .features import DEFAULT_SELECTION, FeatureFilters, normalize_selection
+from .file_sources import Hdf5Source, SourceError, TiffSource, ZarrSource, open_image
 from .filters import GaussianSmoothing, MeanFilter, Scale
 from .labels import LabelClass, LabelError, LabelStore
 from .sources import ArraySource
@@ -17,6 +18,7 @@ __all__ = [
     "DEFAULT_SELECTION",
     "FeatureFilters",
     "GaussianSmoothing",
+    "Hdf5Source",
     "LabelClass",
     "LabelError",
     "LabelStore",
@@ -24,6 +26,10 @@ __all__ = [
     "PixelClassifier",
     "Scale",
     "Segmentation",
+    "SourceError",
+    "TiffSource",
     "Uncertainty",
+    "ZarrSource",
     "normalize_selection",
+    "open_image",
 ]

@@ -95,6 +95,11 @@ class ArraySpec:
         return "".join(a for a in self.axes if a in SPATIAL_AXES)
 
     @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """Lengths of the spatial axes, in axes order."""
+        return tuple(n for a, n in zip(self.axes, self.shape) if a in SPATIAL_AXES)
+
+    @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 

@@ -29,7 +29,9 @@ def test_workflow_outputs_by_name_and_roi_equals_full(em):
         paint_truth(wf, gt)
         full = wf.request("probabilities")
         assert full.shape == (192, 192, 2)
-        np.testing.assert_array_equal(wf.request("probabilities", Roi((10, 20, 1), (50, 90, 2))), full[10:50, 20:90, 1:])
+        np.testing.assert_array_equal(
+            wf.request("probabilities", Roi((10, 20, 1), (50, 90, 2))), full[10:50, 20:90, 1:]
+        )
         seg = wf.request("segmentation")
         np.testing.assert_array_equal(seg, full.argmax(-1) + 1)
         assert wf.probabilities.counters["trainings"] == 1

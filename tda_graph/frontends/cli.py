@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,6 +93,81 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(label: str) -> Any:
+    def show(done: int, total: int) -> None:
+        width = 30
+        fill = width * done // max(total, 1)
+        end = "\n" if done == total else ""
+        print(f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} blocks", end=end, file=sys.stderr)
+
+    return show
+
+
+def _parse_memory(text: str | None) -> int | None:
+    if text is None:
+        return None
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise TdaError(f"--memory {text!r} is not a size; write e.g. 512M or 2G") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Headless training: image + sparse label image → project file."""
+    from ..workflows.headless import train_project
+
+    t0 = time.perf_counter()
+    state = train_project(
+        args.image,
+        args.labels,
+        args.project,
+        axes=args.axes,
+        features=args.features,
+        in_2d=args.in_2d,
+        channel=args.channel,
+        n_trees=args.trees,
+        seed=args.seed,
+    )
+    counts = state.labels.counts() if state.labels is not None else {}
+    print(
+        f"trained {args.trees} trees on {sum(counts.values())} labelled voxels "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}), {len(state.selection)} features, "
+        f"in {time.perf_counter() - t0:.1f} s; wrote {args.project}"
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Headless batch prediction: project + inputs → outputs, blockwise and resumable."""
+    from ..workflows.headless import predict_to_file
+
+    inputs, outputs = args.input, args.output
+    if len(inputs) != len(outputs):
+        raise TdaError(f"give one --output per --input ({len(inputs)} inputs, {len(outputs)} outputs)")
+    for inp, out in zip(inputs, outputs):
+        t0 = time.perf_counter()
+        r = predict_to_file(
+            args.project,
+            inp,
+            out,
+            args.export,
+            roi=args.roi,
+            axes=args.axes,
+            memory=_parse_memory(args.memory),
+            workers=args.workers,
+            progress=None if args.quiet else _progress(Path(inp.split(":")[0]).name),
+        )
+        print(
+            f"{inp} -> {out}: {args.export} {tuple(r['shape'])}, {r['computed']} blocks computed, "
+            f"{r['skipped']} resumed, {time.perf_counter() - t0:.1f} s"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tda", description="tda-graph: trainable domain adaptation engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,6 +180,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
     d.add_argument("--dot", action="store_true", help="also print the graph in Graphviz dot syntax")
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train a forest from an image and a sparse label image; write a project")
+    t.add_argument("--image", required=True, help="PATH[:DATASET], e.g. data.h5:/raw, vol.zarr, img.tif")
+    t.add_argument("--labels", required=True, help="PATH[:DATASET] of labels (0 = unlabelled, 1..K = classes)")
+    t.add_argument("--project", required=True, help="project file to write (HDF5)")
+    t.add_argument("--features", default="default", choices=("default", "all"), help="feature set")
+    t.add_argument("--channel", type=int, default=None, help="label value K whose probability feeds the enhancer")
+    t.add_argument("--in-2d", action="store_true", help="compute features per z slice")
+    t.add_argument("--axes", default=None, help="axes of the image, e.g. zyx (default: metadata or ndim)")
+    t.add_argument("--trees", type=int, default=100, help="forest size (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("predict", help="predict with a project, blockwise and resumable")
+    pr.add_argument("--project", required=True, help="project file written by 'tda train'")
+    pr.add_argument("--input", required=True, nargs="+", help="PATH[:DATASET] of each input")
+    pr.add_argument("--output", required=True, nargs="+", help="PATH[:DATASET] of each output (.h5, .zarr, .tif)")
+    pr.add_argument(
+        "--export",
+        default="probabilities",
+        choices=("probabilities", "segmentation", "uncertainty", "features"),
+        help="what to write (default: %(default)s); probabilities: channel K-1 belongs to label K",
+    )
+    pr.add_argument("--roi", default=None, help="spatial subregion, e.g. 0:10,100:612,100:612")
+    pr.add_argument("--axes", default=None, help="axes of the input (default: metadata or ndim)")
+    pr.add_argument("--memory", default=None, help="memory budget for blocks and caches, e.g. 2G")
+    pr.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=cmd_predict)
     return p
 
 

@@ -71,7 +71,7 @@ class TrainableDomainAdaptation:
         self.graph = graph if graph is not None else Graph(workers=workers)
         g = self.graph
         if isinstance(image, Operator):
-            self.raw = image if image.graph is g else g.add(image)
+            self.raw = image if image._graph is g else g.add(image)
         else:
             arr = np.asarray(image)
             if axes is None:

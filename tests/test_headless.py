@@ -1,0 +1,212 @@
+"""`tda train` / `tda predict`: headless training, blockwise resumable prediction, clear errors."""
+
+import h5py
+import numpy as np
+import pytest
+
+from operators.kernels.synthetic import em_like
+from tda_graph.frontends.cli import main
+from tda_graph.workflows.headless import predict_to_file
+from tda_graph.workflows.pixel_classification import TrainableDomainAdaptation
+from tda_graph.workflows.project import load_project
+from tda_graph.workflows.strokes import simulate_strokes
+
+
+def sparse_labels(gt, n=200, seed=0):
+    lab = np.zeros(gt.shape, np.uint8)
+    for s in simulate_strokes({1: ~gt, 2: gt}, pixels_per_class=n, seed=seed):
+        lab[s.roi.to_slices()][s.mask] = s.label
+    return lab
+
+
+@pytest.fixture
+def trained(tmp_path):
+    em = em_like((300, 260), seed=1)
+    gt = em.mitochondria > 0
+    with h5py.File(tmp_path / "img.h5", "w") as f:
+        f["raw"] = em.raw
+        f["labels"] = sparse_labels(gt)
+        f["vol"] = np.stack([em.raw] * 3)
+    proj = tmp_path / "p.tdap"
+    args = ["train", "--image", f"{tmp_path}/img.h5:/raw", "--labels", f"{tmp_path}/img.h5:/labels"]
+    assert main([*args, "--project", str(proj), "--trees", "15"]) == 0
+    return tmp_path, proj, em
+
+
+def python_api_result(proj, raw, export):
+    state = load_project(proj)
+    with TrainableDomainAdaptation(raw, selection=state.selection, class_names=state.labels.class_names) as wf:
+        wf.probabilities.set_forest(state.forest)
+        return wf.request(export)
+
+
+@pytest.mark.parametrize("export", ["probabilities", "segmentation", "uncertainty"])
+def test_predict_equals_python_api(trained, export):
+    d, proj, em = trained
+    out = f"{d}/out.h5:/{export}"
+    assert (
+        main(
+            [
+                "predict",
+                "--project",
+                str(proj),
+                "--input",
+                f"{d}/img.h5:/raw",
+                "--output",
+                out,
+                "--export",
+                export,
+                "--memory",
+                "40M",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    with h5py.File(d / "out.h5") as f:
+        got = f[export][...]
+    np.testing.assert_array_equal(got, python_api_result(proj, em.raw, export))
+    assert not (d / "out.h5.tda-partial").exists()
+
+
+def test_resumed_prediction_is_identical_and_skips_done_blocks(trained):
+    d, proj, em = trained
+    full = predict_to_file(proj, f"{d}/img.h5:/raw", f"{d}/a.zarr", "probabilities", memory=20_000_000)
+    assert full["blocks"] > 2
+    part = predict_to_file(proj, f"{d}/img.h5:/raw", f"{d}/b.zarr", "probabilities", memory=20_000_000, stop_after=2)
+    assert not part["finished"] and not (d / "b.zarr").exists()
+    rest = predict_to_file(proj, f"{d}/img.h5:/raw", f"{d}/b.zarr", "probabilities", memory=20_000_000)
+    assert rest["skipped"] == 2 and rest["computed"] == full["blocks"] - 2
+    import zarr
+
+    np.testing.assert_array_equal(
+        zarr.open_group(str(d / "a.zarr"))["data"][...], zarr.open_group(str(d / "b.zarr"))["data"][...]
+    )
+
+
+def test_roi_and_tiff_output(trained):
+    d, proj, em = trained
+    assert (
+        main(
+            [
+                "predict",
+                "--project",
+                str(proj),
+                "--input",
+                f"{d}/img.h5:/raw",
+                "--output",
+                f"{d}/s.tif",
+                "--export",
+                "segmentation",
+                "--roi",
+                "10:200,50:",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    import tifffile
+
+    got = tifffile.imread(d / "s.tif")
+    np.testing.assert_array_equal(got, python_api_result(proj, em.raw, "segmentation")[10:200, 50:])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--input", "{d}/missing.h5:/raw"], "missing.h5"),
+        (["--input", "{d}/img.h5:/nope"], "nope"),
+        (["--input", "{d}/img.h5:/raw", "--axes", "zyx"], "axes"),
+        (["--input", "{d}/img.h5:/vol"], "trained on 2D data"),
+        (["--input", "{d}/img.h5:/raw", "--roi", "0:999,0:10"], "outside"),
+        (["--input", "{d}/img.h5:/raw", "--memory", "lots"], "not a size"),
+    ],
+)
+def test_bad_predict_input_exits_nonzero_with_message(trained, capsys, argv, message):
+    d, proj, em = trained
+    argv = [a.format(d=d) for a in argv]
+    assert main(["predict", "--project", str(proj), "--output", f"{d}/o.h5:/x", "--quiet", *argv]) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_bad_training_input_and_corrupt_project(tmp_path, capsys):
+    with h5py.File(tmp_path / "img.h5", "w") as f:
+        f["raw"] = np.zeros((64, 64), np.uint8)
+        f["empty"] = np.zeros((64, 64), np.uint8)
+        f["small"] = np.zeros((32, 64), np.uint8)
+        one = np.zeros((64, 64), np.uint8)
+        one[5, 5:20] = 1
+        f["one"] = one
+    base = ["train", "--image", f"{tmp_path}/img.h5:/raw", "--project", str(tmp_path / "p.tdap")]
+    assert main([*base, "--labels", f"{tmp_path}/img.h5:/empty"]) != 0
+    assert "is empty" in capsys.readouterr().err
+    assert main([*base, "--labels", f"{tmp_path}/img.h5:/small"]) != 0
+    assert "same size" in capsys.readouterr().err
+    assert main([*base, "--labels", f"{tmp_path}/img.h5:/one"]) != 0
+    assert "at least two classes" in capsys.readouterr().err
+    assert not (tmp_path / "p.tdap").exists()  # nothing half-written
+    (tmp_path / "bad.tdap").write_bytes(b"not a project at all")
+    assert (
+        main(
+            [
+                "predict",
+                "--project",
+                str(tmp_path / "bad.tdap"),
+                "--input",
+                f"{tmp_path}/img.h5:/raw",
+                "--output",
+                f"{tmp_path}/o.h5:/x",
+            ]
+        )
+        != 0
+    )
+    assert "bad.tdap" in capsys.readouterr().err
+
+
+def test_train_and_predict_on_isbi_match_python_api(shared_data, tmp_path):
+    with h5py.File(shared_data / "isbi2012_train.h5", "r") as f:
+        raw = f["raw"][0, :256, :256]
+        membranes = f["membranes"][0, :256, :256] > 0
+    with h5py.File(tmp_path / "isbi.h5", "w") as f:
+        f["raw"] = raw
+        f["labels"] = sparse_labels(membranes, n=300)
+    proj = tmp_path / "isbi.tdap"
+    assert (
+        main(
+            [
+                "train",
+                "--image",
+                f"{tmp_path}/isbi.h5:/raw",
+                "--labels",
+                f"{tmp_path}/isbi.h5:/labels",
+                "--project",
+                str(proj),
+                "--trees",
+                "20",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "--project",
+                str(proj),
+                "--input",
+                f"{tmp_path}/isbi.h5:/raw",
+                "--output",
+                f"{tmp_path}/out.h5:/p",
+                "--quiet",
+                "--memory",
+                "30M",
+            ]
+        )
+        == 0
+    )
+    with h5py.File(tmp_path / "out.h5") as f:
+        got = f["p"][...]
+    np.testing.assert_array_equal(got, python_api_result(proj, raw, "probabilities"))
+    pred = got[..., 1] > 0.5
+    iou = (pred & membranes).sum() / (pred | membranes).sum()
+    assert iou > 1.5 * membranes.mean()
