@@ -5,7 +5,9 @@ nothing of the engine; the operator classes here wrap them and import only
 the engine core (``tda_graph``).
 """
 
+from .channels import ChannelSelector
 from .classifier import ClassifierNotReady, PixelClassifier, Segmentation, Uncertainty
+from .enhancer import Enhancer, EnhancerModel, ModelError, load_enhancer_model
 from .features import DEFAULT_SELECTION, FeatureFilters, normalize_selection
 from .file_sources import Hdf5Source, SourceError, TiffSource, ZarrSource, open_image
 from .filters import GaussianSmoothing, MeanFilter, Scale
@@ -14,8 +16,11 @@ from .sources import ArraySource
 
 __all__ = [
     "ArraySource",
+    "ChannelSelector",
     "ClassifierNotReady",
     "DEFAULT_SELECTION",
+    "Enhancer",
+    "EnhancerModel",
     "FeatureFilters",
     "GaussianSmoothing",
     "Hdf5Source",
@@ -23,6 +28,7 @@ __all__ = [
     "LabelError",
     "LabelStore",
     "MeanFilter",
+    "ModelError",
     "PixelClassifier",
     "Scale",
     "Segmentation",
@@ -30,6 +36,7 @@ __all__ = [
     "TiffSource",
     "Uncertainty",
     "ZarrSource",
+    "load_enhancer_model",
     "normalize_selection",
     "open_image",
 ]

@@ -161,6 +161,10 @@ class PixelClassifier(Operator):
         with self._state_lock:
             return self._forest is not None and self._forest_token == self._token
 
+    def prepared_state(self) -> object:
+        with self._state_lock:
+            return (id(self._forest), self._forest_token, self._token)
+
     def _label_blocks(self, labels_node: Operator) -> set[tuple[int, ...]]:
         grid = self._grid()
         shape = labels_node.spec.shape
@@ -195,7 +199,8 @@ class PixelClassifier(Operator):
             f = context.request(feats_node, Roi(broi.start + (0,), broi.stop + (feats_node.spec.n_channels,)))
             self._rows[idx] = _Rows(np.ascontiguousarray(f[mask], np.float32), lab[mask].astype(np.int32))
             rebuilt += 1
-        parts = [r for r in self._rows.values() if r is not None]
+        # sorted: the training set (and so the forest) depends only on the labels, not on edit history
+        parts = [self._rows[k] for k in sorted(self._rows) if self._rows[k] is not None]
         classes = np.unique(np.concatenate([p.y for p in parts])) if parts else np.zeros(0, np.int32)
         n_classes = len(self.settings.class_names)
         if classes.size and classes.max() > n_classes:

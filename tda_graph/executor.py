@@ -78,6 +78,9 @@ class _Task:
     done: bool = False
 
 
+_PREPARE_ATTEMPTS = 3  # prepare -> claim rounds before answering without caching
+
+
 class Run:
     """The execution of one plan. Not reused; create one per request."""
 
@@ -185,8 +188,13 @@ class Run:
                             self.blocks[(t.node, t.index)] = data
                             ok = True
                     if not ok:
-                        # The other computation failed or went stale: compute it ourselves.
+                        # The other computation failed or went stale: compute it ourselves,
+                        # preparing first here (the requesting thread; never in a worker, where
+                        # nested requests could starve the pool).
                         t.waiting = None
+                        if self.context is not None:
+                            for node in self.plan.order:
+                                node.prepare(self.context)
                         f2 = self.pool.submit(self._run_fallback, t)
                         f2.add_done_callback(lambda f, t=t: events.put((t, f)))
                         continue
@@ -214,7 +222,7 @@ class Run:
         claiming is caught by the stale-write guard; a change between preparing
         and claiming is caught here by :meth:`Operator.is_prepared`.
         """
-        while True:
+        for attempt in range(_PREPARE_ATTEMPTS):
             if self.context is not None:
                 for node in self.plan.order:
                     node.prepare(self.context)
@@ -225,7 +233,14 @@ class Run:
             for t in tasks:
                 if t.claim is not None:
                     self.caches[t.node].abandon(t.claim, err)
-            self.blocks.clear()
+                    t.claim = None
+            if attempt + 1 < _PREPARE_ATTEMPTS:
+                self.blocks.clear()
+        # Inputs keep changing faster than preparing takes (e.g. strokes while the
+        # forest trains): answer from the last prepared state, consistent with an
+        # earlier input version, but store nothing in the caches as current.
+        self.stats[self.plan.output].add(uncached_answers=1)
+        return tasks
 
     def _run_task(self, t: _Task) -> None:
         if self.cancel.is_set():
@@ -233,14 +248,20 @@ class Run:
                 self.caches[t.node].abandon(t.claim, RequestCancelled("request cancelled"))
             return
         try:
+            before = _prepared(t.node)
             data = self._compute(t.node, t.roi)
+            current = before is not None and _prepared(t.node) == before
         except BaseException as e:
             if t.claim is not None:
                 self.caches[t.node].abandon(t.claim, e)
             raise
         if t.index is not None:
             if t.claim is not None:
-                self.caches[t.node].complete(t.claim, data)
+                if current:
+                    self.caches[t.node].complete(t.claim, data)
+                else:  # prepared state changed meanwhile: answer, but do not store
+                    self.stats[t.node].add(stale_discards=1)
+                    self.caches[t.node].abandon(t.claim, RequestCancelled("prepared state changed"))
             self.blocks[(t.node, t.index)] = data
         else:
             self.results[(t.node, t.roi)] = data
@@ -267,8 +288,15 @@ class Run:
         """
         cache = self.caches[node]
         version = cache.begin(idx)  # before reading inputs
+        # Prepared state (a trained forest) must be current for that version, as
+        # for claimed blocks; preparing here (a worker thread) could starve the
+        # pool with nested requests, so an outdated block is answered, not stored.
+        before = _prepared(node) if all(n.is_prepared() for n in self.plan.order) else None
         data = self._compute(node, cache.block_roi(idx), local=False)
-        cache.store(idx, version, data)
+        if before is not None and _prepared(node) == before:
+            cache.store(idx, version, data)
+        else:
+            self.stats[node].add(stale_discards=1)
         return data
 
     def pull(self, node: Operator, roi: Roi, *, local: bool = True) -> Any:
@@ -313,6 +341,12 @@ class Run:
                 out = _empty_like(data, roi.shape)
             out[part.relative_to(roi)] = data[part.relative_to(broi)]
         return out
+
+
+def _prepared(node: Operator) -> object:
+    """``node``'s prepared-state value, or ``None`` if it is not prepared."""
+    state = node.prepared_state()
+    return ("prepared", state) if node.is_prepared() else None
 
 
 def _empty_like(proto: Any, shape: tuple[int, ...]) -> Any:

@@ -224,6 +224,14 @@ class Operator(abc.ABC):
         """Whether the state :meth:`prepare` builds is current (default: always)."""
         return True
 
+    def prepared_state(self) -> object:
+        """A value that changes whenever the prepared state or its inputs change (default: ``None``).
+
+        The executor stores a computed block only if this value was the same
+        before and after the computation and :meth:`is_prepared` held.
+        """
+        return None
+
     def input_changed(self, name: str, rois: tuple[Roi, ...]) -> None:
         """Hook called while a change of input ``name`` over ``rois`` propagates.
 

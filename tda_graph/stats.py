@@ -15,6 +15,7 @@ COUNTERS: tuple[str, ...] = (
     "cache_misses",
     "evictions",
     "stale_discards",
+    "uncached_answers",
     "dirty_events",
     "compute_seconds",
 )

@@ -148,19 +148,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
     inputs, outputs = args.input, args.output
     if len(inputs) != len(outputs):
         raise TdaError(f"give one --output per --input ({len(inputs)} inputs, {len(outputs)} outputs)")
+    scheduler = getattr(args, "scheduler", None)
+    if scheduler:
+        bad = [o for o in outputs if not o.split(":")[0].lower().endswith(".zarr")]
+        if bad:
+            raise TdaError(f"--scheduler writes zarr outputs only; {bad[0]!r} is not a .zarr (e.g. out.zarr)")
     for inp, out in zip(inputs, outputs):
         t0 = time.perf_counter()
-        r = predict_to_file(
-            args.project,
-            inp,
-            out,
-            args.export,
-            roi=args.roi,
-            axes=args.axes,
-            memory=_parse_memory(args.memory),
-            workers=args.workers,
-            progress=None if args.quiet else _progress(Path(inp.split(":")[0]).name),
-        )
+        if scheduler:
+            from .distributed import predict_distributed
+
+            r = predict_distributed(
+                args.project,
+                inp,
+                out,
+                args.export,
+                scheduler=scheduler,
+                roi=args.roi,
+                memory=_parse_memory(args.memory),
+                axes=args.axes,
+                progress=not args.quiet,
+            )
+        else:
+            r = predict_to_file(
+                args.project,
+                inp,
+                out,
+                args.export,
+                roi=args.roi,
+                axes=args.axes,
+                memory=_parse_memory(args.memory),
+                workers=args.workers,
+                progress=None if args.quiet else _progress(Path(inp.split(":")[0]).name),
+            )
         print(
             f"{inp} -> {out}: {args.export} {tuple(r['shape'])}, {r['computed']} blocks computed, "
             f"{r['skipped']} resumed, {time.perf_counter() - t0:.1f} s"
@@ -208,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--memory", default=None, help="memory budget for blocks and caches, e.g. 2G")
     pr.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.add_argument(
+        "--scheduler",
+        default=None,
+        help="run on dask.distributed: local:N (N worker processes) or tcp://host:port; outputs must be .zarr",
+    )
     pr.set_defaults(func=cmd_predict)
     return p
 

@@ -1,0 +1,392 @@
+"""Enhancer: a bioimage.io model run tile by tile inside the graph (real model package)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from operators.enhancer import Enhancer, EnhancerModel, ModelError, load_enhancer_model
+from operators.kernels import tiling
+from operators.sources import ArraySource
+from tda_graph import Graph, IncompatibleInputError, OperatorError, Roi, SettingsError, testing
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MODELS = SHARED / "models"
+NUCLEI = MODELS / "unet2d_nuclei_broad"
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def shared_models() -> Path:
+    """``../shared/models``; tests using it skip cleanly when it is absent."""
+    if not (NUCLEI / "bioimageio.yaml").is_file():
+        pytest.skip(f"model packages not found at {NUCLEI}")
+    pytest.importorskip("bioimageio.core")
+    pytest.importorskip("torch")
+    return MODELS
+
+
+@pytest.fixture(scope="module")
+def nuclei(shared_models: Path) -> EnhancerModel:
+    return load_enhancer_model(shared_models / "unet2d_nuclei_broad")
+
+
+@pytest.fixture(scope="module")
+def whole(nuclei: EnhancerModel) -> np.ndarray:
+    """The model on its whole 512² test input in one call (its own per-sample statistics)."""
+    x = np.load(NUCLEI / "test_input.npy")
+    return nuclei.predict(x[0])
+
+
+# ------------------------------------------------------------------ pure tiling math
+def test_tiling_math() -> None:
+    assert tiling.valid_size(100, 64, 16) == 112
+    assert tiling.valid_size(10, 64, 16) == 64
+    assert tiling.valid_size(512, 512, 0) == 512
+    with pytest.raises(ValueError, match="fixed model size"):
+        tiling.valid_size(513, 512, 0)
+    assert tiling.tile_input_range(448, 512, 32, 512, 0) == (416, 928)
+    assert tiling.grid_starts(500, 1000, 448) == [448, 896]
+    a = np.arange(10.0)
+    got = tiling.read_padded(a, (0,), (-3,), (13,))
+    np.testing.assert_array_equal(got, np.pad(a, 3, mode="reflect"))
+    got = tiling.read_padded(a[4:], (4,), (6,), (8,))  # inside: plain crop
+    np.testing.assert_array_equal(got, [6.0, 7.0])
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, tda_graph, operators, operators.enhancer, operators.channels; "
+        "bad = [m for m in ('torch', 'bioimageio.core', 'bioimageio.spec') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# ------------------------------------------------------------------ description and reproduction
+def test_model_facts(nuclei: EnhancerModel) -> None:
+    assert nuclei.axes == "yx"
+    assert nuclei.in_channels == 1
+    assert nuclei.min_size == (512, 512) and nuclei.step == (0, 0)
+    assert nuclei.halo == (32, 32)
+    assert nuclei.channel_names == ("probability",)
+    assert nuclei.tile_shape() == (512, 512)  # fixed-size model: the only valid size
+    assert "torchscript" in nuclei.weights_formats
+
+
+def test_reproduces_test_output(nuclei: EnhancerModel, whole: np.ndarray) -> None:
+    expected = np.load(NUCLEI / "test_output.npy")[0]
+    assert whole.shape == expected.shape and whole.dtype == np.float32
+    # bioimageio's own default: rtol = atol = 1e-3; we hold it to 1e-4
+    np.testing.assert_allclose(whole, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_load_from_yaml_and_zip(shared_models: Path, tmp_path: Path) -> None:
+    m = load_enhancer_model(NUCLEI / "bioimageio.yaml")
+    assert m.halo == (32, 32)
+    z = shutil.make_archive(str(tmp_path / "nuclei"), "zip", NUCLEI)
+    m = load_enhancer_model(z)
+    assert m.channel_names == ("probability",)
+
+
+# ------------------------------------------------------------------ tiling through the graph
+def test_tiled_equals_whole_image(nuclei: EnhancerModel, whole: np.ndarray) -> None:
+    x = np.load(NUCLEI / "test_input.npy")[0, 0]
+    g = Graph(workers=2)
+    src = g.add(ArraySource(x.copy(), "yx", name="raw"))
+    # whole-image statistics, plus 32 px of context beyond the declared halo (the U-Net's
+    # receptive field is larger than its declared halo of 32)
+    enh = g.add(Enhancer(nuclei, statistics="image", margin=32, name="enhancer"), image=src)
+    spec = g.spec(enh)
+    assert spec.axes == "yxc" and spec.dtype == np.float32 and spec.channel_names == ("probability",)
+    assert spec.block_shape == (384, 384, 1)  # tile 512 minus 2 * (32 + 32)
+    tiled = g.request(enh)
+    assert g.stats(enh)["blocks_computed"] == 4
+    b = 64  # away from the borders (there: reflect padding vs. the network's zero padding)
+    diff = np.abs(tiled[b:-b, b:-b, 0] - whole[0, b:-b, b:-b])
+    assert diff.max() <= 1e-5, f"tiled vs whole max |diff| {diff.max():.3g}"
+    # a ROI equals the whole result cropped (served from the same tiles)
+    r = Roi((100, 300, 0), (200, 420, 1))
+    np.testing.assert_array_equal(g.request(enh, r), tiled[r.to_slices()])
+    # whole-image statistics make the input a global dependency: a stroke dirties every tile
+    events = []
+    sub = g.subscribe(enh, events.append)
+    src.write(Roi((10, 10), (12, 12)), 5.0)
+    assert [ev.rois for ev in events] == [(Roi.full(spec.shape),)]
+    after = g.request(enh)
+    assert g.stats(enh)["blocks_computed"] == 8
+    np.testing.assert_array_equal(after, g.recompute(enh))
+    sub.disconnect()
+
+
+def test_stroke_reruns_only_affected_tiles(nuclei: EnhancerModel) -> None:
+    rng = np.random.default_rng(0)
+    prob = rng.random((448, 896)).astype(np.float32)  # an enhancer input: a probability map
+    g = Graph(workers=2)
+    src = g.add(ArraySource(prob, "yx", name="forest"))
+    enh = g.add(Enhancer(nuclei, name="enhancer"), image=src)  # per-tile statistics: regional
+    assert g.spec(enh).block_shape == (448, 448, 1)
+    first = g.request(enh)
+    assert g.stats(enh)["blocks_computed"] == 2
+    events = []
+    sub = g.subscribe(enh, events.append)
+    src.write(Roi((100, 100), (110, 110)), 1.0)  # inside tile (0, 0), away from the seam at x = 448
+    assert [r for ev in events for r in ev.rois] == [Roi((0, 0, 0), (448, 448, 1))]
+    second = g.request(enh)
+    assert g.stats(enh)["blocks_computed"] == 3  # only the tile touched re-ran
+    np.testing.assert_array_equal(second[:, 448:], first[:, 448:])
+    assert not np.array_equal(second[:, :448], first[:, :448])
+    np.testing.assert_array_equal(second[:, :448], g.recompute(enh, Roi((0, 0, 0), (448, 448, 1))))
+    src.write(Roi((200, 430), (205, 440)), 0.0)  # within the halo of the seam: both tiles
+    g.request(enh)
+    assert g.stats(enh)["blocks_computed"] == 5
+    sub.disconnect()
+
+
+def test_small_image_contract(nuclei: EnhancerModel) -> None:
+    rng = np.random.default_rng(1)
+    g = Graph(workers=2)
+    src = g.add(ArraySource(rng.random((90, 70)).astype(np.float32), "yx"))
+    enh = g.add(Enhancer(nuclei), image=src)  # one tile, reflect-padded from 90x70 to 512²
+    testing.check_roi_equals_full(g, enh, n=4)
+    out = g.request(enh)
+    assert out.shape == (90, 70, 1) and np.all((out >= 0) & (out <= 1))
+    testing.check_spec_pure(enh, {"image": g.spec(src)})
+
+
+def test_2d_model_on_3d_data_runs_per_slice(nuclei: EnhancerModel) -> None:
+    rng = np.random.default_rng(2)
+    vol = rng.random((2, 60, 50)).astype(np.float32)
+    g = Graph(workers=2)
+    src = g.add(ArraySource(vol, "zyx"))
+    enh = g.add(Enhancer(nuclei), image=src)
+    assert g.spec(enh).axes == "zyxc" and g.spec(enh).block_shape == (1, 448, 448, 1)
+    out = g.request(enh, Roi((1, 0, 0, 0), (2, 60, 50, 1)))
+    assert g.stats(enh)["blocks_computed"] == 1
+    g2 = Graph(workers=1)
+    s2 = g2.add(ArraySource(vol[1].copy(), "yx"))
+    e2 = g2.add(Enhancer(nuclei), image=s2)
+    np.testing.assert_array_equal(out[0], g2.request(e2))
+
+
+def test_seconds_per_tile(nuclei: EnhancerModel, capsys: pytest.CaptureFixture[str]) -> None:
+    x = np.random.default_rng(3).random((1, 512, 512)).astype(np.float32)
+    nuclei.predict(x)  # warm
+    t0 = time.perf_counter()
+    nuclei.predict(x)
+    dt = time.perf_counter() - t0
+    with capsys.disabled():
+        print(f"\n[enhancer] one 512² tile of {nuclei.name} on the CPU: {dt:.3f} s")
+    assert dt < 30
+
+
+def test_cuda_device(nuclei: EnhancerModel) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = np.load(NUCLEI / "test_input.npy")[0, 0]
+    g = Graph(workers=1)
+    src = g.add(ArraySource(x.copy(), "yx"))
+    enh = g.add(Enhancer(nuclei, device="cuda", statistics="image", margin=32), image=src)
+    cpu = g.add(Enhancer(nuclei, statistics="image", margin=32), image=src)
+    np.testing.assert_allclose(g.request(enh), g.request(cpu), atol=1e-4)
+
+
+# ------------------------------------------------------------------ errors
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="model file not found.*nope.zip"):
+        load_enhancer_model(tmp_path / "nope.zip")
+
+
+def test_bad_zip(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"this is not a zip file")
+    with pytest.raises(ModelError, match="not a valid zip file"):
+        load_enhancer_model(bad)
+
+
+def test_folder_without_description(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="has no bioimageio.yaml"):
+        load_enhancer_model(tmp_path)
+
+
+def test_offline_uncached_zoo_id(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not cached.*offline.*pass its local path"):
+        load_enhancer_model("affable-shark", cache_dir=tmp_path, offline=True)
+
+
+def test_broken_description(shared_models: Path, tmp_path: Path) -> None:
+    d = tmp_path / "broken"
+    shutil.copytree(NUCLEI, d)
+    (d / "bioimageio.yaml").write_text("type: model\nformat_version: 0.5.4\nname: broken\n")
+    with pytest.raises(ModelError, match="could not load a bioimage.io model"):
+        load_enhancer_model(d)
+
+
+def test_settings_and_connection_errors(nuclei: EnhancerModel) -> None:
+    with pytest.raises(SettingsError, match="statistics must be"):
+        Enhancer(nuclei, statistics="global")
+    with pytest.raises(SettingsError, match="device must be"):
+        Enhancer(nuclei, device="tpu")
+    with pytest.raises(SettingsError, match="has no 'keras_hdf5' weights"):
+        Enhancer(nuclei, weights_format="keras_hdf5")
+    with pytest.raises(SettingsError, match="needs a model"):
+        Enhancer()
+    g = Graph(workers=1)
+    two = g.add(ArraySource(np.zeros((8, 8, 2), np.float32), "yxc"))
+    with pytest.raises(IncompatibleInputError, match="expects 1 input channel"):
+        g.add(Enhancer(nuclei), image=two)
+
+
+def _fake_model(tmp_path: Path, name: str, kind: str) -> Path:
+    """A copy of the nuclei package whose torchscript weights fail (``"raise"``) or return NaN (``"nan"``)."""
+    torch = pytest.importorskip("torch")
+
+    class Raises(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("fake failure")
+
+    class ReturnsNaN(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * float("nan")
+
+    d = tmp_path / name
+    d.mkdir()
+    for f in ("test_input.npy", "test_output.npy", "test_input.png", "test_output.png", "cover0.png", "README.md"):
+        shutil.copy(NUCLEI / f, d / f)
+    module = Raises() if kind == "raise" else ReturnsNaN()
+    torch.jit.save(torch.jit.script(module), str(d / "fake.pt"))
+    sha = hashlib.sha256((d / "fake.pt").read_bytes()).hexdigest()
+    text = (NUCLEI / "bioimageio.yaml").read_text()
+    text = text.replace("name: UNet 2D Nuclei Broad", f"name: {name}")
+    weights = f"weights:\n  torchscript:\n    source: fake.pt\n    sha256: {sha}\n    pytorch_version: 2.5.1\n"
+    text = text[: text.index("weights:")] + weights
+    (d / "bioimageio.yaml").write_text(text)
+    return d
+
+
+@pytest.mark.parametrize(("kind", "match"), [("raise", "fake failure"), ("nan", "NaN/inf")])
+def test_failing_model_names_model_and_tile(shared_models: Path, tmp_path: Path, kind: str, match: str) -> None:
+    model = load_enhancer_model(_fake_model(tmp_path, "FailingFake", kind))
+    g = Graph(workers=1)
+    src = g.add(ArraySource(np.zeros((500, 40), np.float32), "yx"))
+    enh = g.add(Enhancer(model, name="enh"), image=src)
+    with pytest.raises(OperatorError) as info:
+        g.request(enh, Roi((460, 0, 0), (470, 10, 1)))
+    msg = str(info.value)
+    assert "FailingFake" in msg and match in msg, msg
+    assert "tile Roi[448:500, 0:40]" in msg  # the tile that failed (second row of tiles)
+    assert isinstance(info.value.__cause__, ModelError)
+    assert g.stats(enh)["cached_blocks"] == 0  # nothing (no zeros) was stored
+
+
+def test_cuda_request_falls_back_to_cpu(nuclei: EnhancerModel) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    g = Graph(workers=1)
+    src = g.add(ArraySource(np.zeros((16, 16), np.float32), "yx"))
+    enh = g.add(Enhancer(nuclei, device="cuda"), image=src)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = g.request(enh)
+    assert out.shape == (16, 16, 1)
+    assert any("no CUDA device" in str(w.message) for w in caught)
+
+
+def test_cached_zoo_id_is_used_without_download(shared_models: Path, tmp_path: Path) -> None:
+    from operators.enhancer import _cache_name
+
+    shutil.make_archive(str(tmp_path / _cache_name("some-zoo-id"))[: -len(".zip")], "zip", NUCLEI)
+    m = load_enhancer_model("some-zoo-id", cache_dir=tmp_path, offline=True)
+    assert m.name == "UNet 2D Nuclei Broad"
+
+
+_MEAN3D_YAML = """\
+name: Mean3D
+description: 3x3x3 mean filter as a stand-in for a 3D enhancer (test fixture)
+covers: [cover0.png]
+authors: [{name: tda-graph tests}]
+cite: [{text: none, url: "https://example.com/"}]
+license: MIT
+format_version: 0.5.4
+type: model
+documentation: README.md
+inputs:
+- id: raw
+  axes:
+  - type: batch
+  - type: channel
+    channel_names: [raw_intensity]
+  - {type: space, id: z, size: {min: 8, step: 8}}
+  - {type: space, id: y, size: {min: 16, step: 8}}
+  - {type: space, id: x, size: {min: 16, step: 8}}
+  test_tensor: {source: in.npy, sha256: SHA_IN}
+outputs:
+- id: mean
+  axes:
+  - type: batch
+  - type: channel
+    channel_names: [smooth]
+  - {type: space, id: z, halo: 2, size: {tensor_id: raw, axis_id: z}}
+  - {type: space, id: y, halo: 2, size: {tensor_id: raw, axis_id: y}}
+  - {type: space, id: x, halo: 2, size: {tensor_id: raw, axis_id: x}}
+  test_tensor: {source: out.npy, sha256: SHA_OUT}
+weights:
+  torchscript: {source: mean.pt, sha256: SHA_PT, pytorch_version: 2.5.1}
+"""
+
+
+def _mean3d_model(tmp_path: Path) -> Path:
+    """A 3D step-sized model package: a 3x3x3 mean (its true halo is 1; it declares 2)."""
+    torch = pytest.importorskip("torch")
+
+    class Mean3d(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+    d = tmp_path / "mean3d"
+    d.mkdir()
+    shutil.copy(NUCLEI / "cover0.png", d / "cover0.png")
+    (d / "README.md").write_text("test model\n")
+    module = torch.jit.script(Mean3d())
+    torch.jit.save(module, str(d / "mean.pt"))
+    x = np.random.default_rng(5).random((1, 1, 8, 16, 16)).astype(np.float32)
+    np.save(d / "in.npy", x)
+    np.save(d / "out.npy", module(torch.from_numpy(x)).numpy())
+    text = _MEAN3D_YAML
+    for key, f in (("SHA_IN", "in.npy"), ("SHA_OUT", "out.npy"), ("SHA_PT", "mean.pt")):
+        text = text.replace(key, hashlib.sha256((d / f).read_bytes()).hexdigest())
+    (d / "bioimageio.yaml").write_text(text)
+    return d
+
+
+def test_3d_step_model_contract(shared_models: Path, tmp_path: Path) -> None:
+    model = load_enhancer_model(_mean3d_model(tmp_path))
+    assert model.axes == "zyx" and model.min_size == (8, 16, 16) and model.step == (8, 8, 8)
+    assert model.halo == (2, 2, 2) and model.channel_names == ("smooth",)
+    rng = np.random.default_rng(6)
+    g = Graph(workers=2)
+    src = g.add(ArraySource(rng.random((13, 30, 41)).astype(np.float32), "zyx", name="vol"))
+    enh = g.add(Enhancer(model, tile=(12, 20, 20), name="mean3d"), image=src)
+    spec = g.spec(enh)
+    assert spec.axes == "zyxc" and spec.block_shape == (12, 20, 20, 1)  # tiles 16x24x24 minus 2*2
+    testing.check_roi_equals_full(g, enh, n=6)
+    testing.check_dirty_covers_changes(g, src, enh, n_edits=3, max_extent=5)
+    # a mean filter is exact wherever its 1-voxel footprint stays inside the image
+    from scipy import ndimage
+
+    ref = ndimage.uniform_filter(src.data, 3, mode="constant")
+    out = g.request(enh)[..., 0]
+    np.testing.assert_allclose(out[1:-1, 1:-1, 1:-1], ref[1:-1, 1:-1, 1:-1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(IncompatibleInputError, match="works on 'zyx' data"):
+        g.add(Enhancer(model), image=g.add(ArraySource(np.zeros((20, 20), np.float32), "yx")))
