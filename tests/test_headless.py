@@ -210,3 +210,64 @@ def test_train_and_predict_on_isbi_match_python_api(shared_data, tmp_path):
     pred = got[..., 1] > 0.5
     iou = (pred & membranes).sum() / (pred | membranes).sum()
     assert iou > 1.5 * membranes.mean()
+
+
+def test_enhanced_export_with_a_model_package(trained, shared_data, capsys):
+    d, _, em = trained
+    model = shared_data.parent / "models" / "unet2d_nuclei_broad"
+    if not model.exists():
+        pytest.skip("shared model package absent")
+    proj = d / "enh.tdap"
+    args = ["train", "--image", f"{d}/img.h5:/raw", "--labels", f"{d}/img.h5:/labels", "--trees", "5"]
+    assert main([*args, "--project", str(proj), "--enhancer", str(model), "--channel", "2"]) == 0
+    state = load_project(proj)
+    assert state.enhancer is not None and state.enhancer.sha256 and state.channel == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--project",
+                str(proj),
+                "--input",
+                f"{d}/img.h5:/raw",
+                "--output",
+                f"{d}/e.h5:/enh",
+                "--export",
+                "enhanced",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    with h5py.File(d / "e.h5") as f:
+        enh = f["enh"][...]
+    assert enh.shape[:2] == (300, 260) and enh.dtype == np.float32 and np.isfinite(enh).all()
+    with TrainableDomainAdaptation(em.raw, selection=state.selection, class_names=state.labels.class_names) as wf:
+        wf.probabilities.set_forest(state.forest)
+        wf.set_enhancer(str(model))
+        np.testing.assert_array_equal(enh, wf.request("enhanced"))
+    # a project without an enhancer, and a package that does not load
+    assert (
+        main(
+            [
+                "predict",
+                "--project",
+                str(d / "p.tdap"),
+                "--input",
+                f"{d}/img.h5:/raw",
+                "--output",
+                f"{d}/x.h5:/e",
+                "--export",
+                "enhanced",
+                "--quiet",
+            ]
+        )
+        != 0
+    )
+    assert "no enhancer" in capsys.readouterr().err
+    (d / "broken").mkdir()
+    (d / "broken" / "bioimageio.yaml").write_text("format_version: 0.5.3\ntype: model\n")
+    assert main([*args, "--project", str(d / "b.tdap"), "--enhancer", str(d / "broken")]) != 0
+    assert "broken" in capsys.readouterr().err
+    assert main([*args, "--project", str(d / "b.tdap"), "--enhancer", "no_such_model"]) != 0
+    assert "neither a bundled enhancer" in capsys.readouterr().err

@@ -73,3 +73,24 @@ def test_demo_command_writes_outputs(tmp_path, capsys):
     assert summary["forest_iou_mitochondria"] > 2 * summary["chance_iou"]
     assert summary["pixels_predicted_after_stroke"] == 256 * 256
     assert (tmp_path / "overview.png").stat().st_size > 1000
+
+
+def test_workflow_with_enhancer_channel_and_stroke(shared_data):
+    model = shared_data.parent / "models" / "unet2d_nuclei_broad"
+    if not model.exists():
+        pytest.skip("shared model package absent")
+    em = em_like((512, 512), seed=2)
+    gt = em.mitochondria > 0
+    with TrainableDomainAdaptation(em.raw, n_trees=10, workers=2, class_names=("bg", "mito")) as wf:
+        paint_truth(wf, gt, n=150)
+        wf.set_enhancer(str(model))
+        enhanced = wf.request("enhanced")
+        assert enhanced.shape[:2] == (512, 512) and enhanced.dtype == np.float32
+        assert np.isfinite(enhanced).all()
+        np.testing.assert_array_equal(wf.request("enhancer_input")[..., 0], wf.request("probabilities")[..., 1])
+        events = []
+        sub = wf.subscribe("enhanced", events.append)
+        wf.set_channel(1)
+        assert events and wf.channel == 1
+        np.testing.assert_array_equal(wf.request("enhancer_input")[..., 0], wf.request("probabilities")[..., 0])
+        sub.disconnect()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -131,6 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         channel=args.channel,
         n_trees=args.trees,
         seed=args.seed,
+        enhancer=args.enhancer,
     )
     counts = state.labels.counts() if state.labels is not None else {}
     print(
@@ -188,6 +190,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """List bundled enhancers and models in the download cache."""
+    from operators.enhancer import load_enhancer_model
+
+    from ..models import bundled_enhancers
+
+    if args.add:
+        m = load_enhancer_model(args.add)  # fails clearly for a broken package
+        print(f"{args.add}: loads as {m.name!r}; use it with 'tda train --enhancer {args.add}'")
+        return 0
+    bundled = bundled_enhancers()
+    print("bundled enhancers:" if bundled else "bundled enhancers: none in this installation")
+    for name, path in bundled.items():
+        print(f"  {name:24s} {path}")
+    cache = Path(os.environ.get("TDA_GRAPH_MODEL_CACHE", Path.home() / ".cache" / "tda-graph" / "models"))
+    cached = sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
+    print(f"cached downloads ({cache}): {', '.join(cached) if cached else 'none'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tda", description="tda-graph: trainable domain adaptation engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -210,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--in-2d", action="store_true", help="compute features per z slice")
     t.add_argument("--axes", default=None, help="axes of the image, e.g. zyx (default: metadata or ndim)")
     t.add_argument("--trees", type=int, default=100, help="forest size (default: %(default)s)")
+    t.add_argument(
+        "--enhancer", default=None, help="bundled enhancer name ('tda models'), a model package folder or a .zip"
+    )
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
@@ -220,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--export",
         default="probabilities",
-        choices=("probabilities", "segmentation", "uncertainty", "features"),
-        help="what to write (default: %(default)s); probabilities: channel K-1 belongs to label K",
+        choices=("probabilities", "segmentation", "uncertainty", "features", "enhanced"),
+        help="what to write (default: %(default)s); probabilities: channel K-1 belongs to label K; "
+        "enhanced: channel 0 is the enhanced foreground probability",
     )
     pr.add_argument("--roi", default=None, help="spatial subregion, e.g. 0:10,100:612,100:612")
     pr.add_argument("--axes", default=None, help="axes of the input (default: metadata or ndim)")
@@ -234,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on dask.distributed: local:N (N worker processes) or tcp://host:port; outputs must be .zarr",
     )
     pr.set_defaults(func=cmd_predict)
+
+    m = sub.add_parser("models", help="list bundled and cached enhancer models; check a local package")
+    m.add_argument("--add", default=None, help="a model package folder or .zip to check (it is used in place)")
+    m.set_defaults(func=cmd_models)
     return p
 
 

@@ -25,9 +25,38 @@ from operators.file_sources import open_image, parse_image_spec
 from tda_graph import Operator, Roi, TdaError
 
 from .pixel_classification import TrainableDomainAdaptation
-from .project import ProjectState, load_project, save_project
+from .project import EnhancerRef, ProjectState, load_project, save_project
 
-EXPORTS = ("probabilities", "segmentation", "uncertainty", "features")
+
+def enhancer_ref(model: str) -> EnhancerRef:
+    """A project reference to a bundled enhancer name, a package folder, a yaml or a ``.zip``; checked by loading."""
+    from operators.enhancer import load_enhancer_model
+    from tda_graph.models import bundled_enhancers
+
+    bundled = bundled_enhancers()
+    if model in bundled:
+        load_enhancer_model(str(bundled[model]))
+        return EnhancerRef(name=model)
+    p = Path(model)
+    if not p.exists():
+        names = ", ".join(bundled) or "none"
+        raise BatchError(
+            f"enhancer {model!r} is neither a bundled enhancer ({names}) nor an existing package folder, yaml or .zip"
+        )
+    load_enhancer_model(str(p))  # a package that fails to load fails now, not at predict time
+    return EnhancerRef.from_file(p / "bioimageio.yaml" if p.is_dir() else p)
+
+
+def enhancer_source(ref: EnhancerRef) -> str:
+    """What :func:`operators.enhancer.load_enhancer_model` should open for a project's enhancer."""
+    from tda_graph.models import bundled_enhancer
+
+    if ref.name is not None:
+        return str(bundled_enhancer(ref.name))
+    return str(ref.path)
+
+
+EXPORTS = ("probabilities", "segmentation", "uncertainty", "features", "enhanced")
 
 
 class BatchError(TdaError, ValueError):
@@ -47,6 +76,7 @@ def train_project(
     n_trees: int = 100,
     seed: int = 0,
     class_names: Sequence[str] | None = None,
+    enhancer: str | None = None,
 ) -> ProjectState:
     """Train a forest from an image and a sparse label image and save a project.
 
@@ -59,9 +89,12 @@ def train_project(
         Project file to write (atomically).
     channel : int, optional
         Label value whose probability feeds the enhancer (default: K).
+    enhancer : str, optional
+        Bundled enhancer name, package folder, ``bioimageio.yaml`` or ``.zip``.
     """
     from operators import LabelStore
 
+    ref = enhancer_ref(enhancer) if enhancer else None
     src = open_image(image, axes=axes, name="raw")
     lab_src = open_image(labels, name="labels")
     img_spec, lab_spec = src.output_spec({}), lab_src.output_spec({})
@@ -103,6 +136,7 @@ def train_project(
             labels=store,
             forest=wf.probabilities.forest,
             channel=wf.channel,
+            enhancer=ref,
         )
         save_project(project, state)
         return state
@@ -180,6 +214,13 @@ def _build(state: ProjectState, input_spec: str, axes: str | None, export: str, 
             f"{wf.features.spec.n_channels}; the input must have as many channels as the training image"
         )
     wf.probabilities.set_forest(state.forest)
+    if state.channel is not None:
+        wf.set_channel(state.channel)
+    if export == "enhanced":
+        if state.enhancer is None:
+            wf.close()
+            raise BatchError("the project has no enhancer; train it with 'tda train ... --enhancer NAME_OR_PATH'")
+        wf.set_enhancer(enhancer_source(state.enhancer))
     op = wf.output(export)
     spec = op.spec
     n_out = spec.shape[-1] if spec.axes.endswith("c") else None

@@ -15,6 +15,8 @@ import numpy as np
 
 from operators import (
     ArraySource,
+    ChannelSelector,
+    Enhancer,
     FeatureFilters,
     LabelStore,
     PixelClassifier,
@@ -23,6 +25,20 @@ from operators import (
 )
 from tda_graph import Graph, Operator, Roi, SettingsError
 from tda_graph.listeners import DirtyEvent, Subscription
+
+
+def _resolve_model(model: Any) -> Any:
+    """A bundled enhancer name → its package folder; anything else unchanged."""
+    if isinstance(model, str) and "/" not in model and "\\" not in model and not model.endswith((".zip", ".yaml")):
+        try:
+            from tda_graph.models import bundled_enhancers
+        except ImportError:  # no bundled models in this installation
+            return model
+        found = bundled_enhancers()
+        if model in found:
+            return str(found[model])
+    return model
+
 
 OUTPUTS = ("raw", "features", "labels", "probabilities", "segmentation", "uncertainty", "enhancer_input", "enhanced")
 
@@ -94,10 +110,13 @@ class TrainableDomainAdaptation:
         )
         self.segmentation = g.add(Segmentation(name="segmentation"), probabilities=self.probabilities)
         self.uncertainty = g.add(Uncertainty(name="uncertainty"), probabilities=self.probabilities)
-        self.enhancer_input: Operator | None = None
-        self.enhanced: Operator | None = None
         self._channel = len(class_names) if channel is None else int(channel)
         self._check_channel(self._channel)
+        # the forest's probability of the chosen class: what the enhancer sees
+        self.enhancer_input: Operator | None = g.add(
+            ChannelSelector(channels=(self._channel - 1,), name="enhancer_input"), image=self.probabilities
+        )
+        self.enhanced: Operator | None = None
 
     # -- outputs --------------------------------------------------------------------------------
     def output(self, name: str) -> Operator:
@@ -137,6 +156,30 @@ class TrainableDomainAdaptation:
         n = len(self.probabilities.settings.class_names)
         if not 1 <= channel <= n:
             raise SettingsError(f"channel must be a label value between 1 and {n}, got {channel}")
+
+    def set_channel(self, channel: int) -> None:
+        """Choose the label value whose probability feeds the enhancer (dirties enhancer input and output)."""
+        self._check_channel(int(channel))
+        self._channel = int(channel)
+        self.graph.configure(self.enhancer_input, channels=(self._channel - 1,))
+
+    def set_enhancer(self, model: Any, **settings: Any) -> Operator:
+        """Apply an enhancer network to the chosen class's probability.
+
+        Parameters
+        ----------
+        model : str, path or EnhancerModel
+            A bundled enhancer name (see ``tda models``), a model package folder,
+            a ``bioimageio.yaml`` or a ``.zip``.
+        **settings
+            Passed to :class:`~operators.Enhancer` (``device``, ``tile``, ``margin``, ...).
+        """
+        model = _resolve_model(model)
+        if self.enhanced is not None:
+            self.graph.remove(self.enhanced)
+            self.enhanced = None
+        self.enhanced = self.graph.add(Enhancer(model=model, name="enhanced", **settings), image=self.enhancer_input)
+        return self.enhanced
 
     def set_features(self, selection: Mapping[str, Sequence[float]] | str, in_2d: bool | None = None) -> None:
         """Change the feature selection (dirties features and everything below)."""
