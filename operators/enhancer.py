@@ -106,6 +106,46 @@ def _fetch_to_cache(source: str, cache_dir: Path, offline: bool) -> Path:
     return target
 
 
+#: Limits on model package zips (checked before anything is extracted).
+MAX_ZIP_BYTES = 4 << 30  # total uncompressed size
+MAX_ZIP_RATIO = 200  # uncompressed / compressed, per member (zip bombs reach 1000s)
+MAX_ZIP_MEMBERS = 10_000
+
+
+def check_zip_package(path: str | os.PathLike[str]) -> None:
+    """Refuse a model ``.zip`` whose members could escape the extraction folder or that unpacks to huge sizes.
+
+    Raises
+    ------
+    ModelError
+        On absolute paths or ``..`` components ("zip slip"), symbolic links, too
+        many members, or sizes / compression ratios above the limits above.
+    """
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ZIP_MEMBERS:
+            raise ModelError(f"{path} has {len(infos)} members (limit {MAX_ZIP_MEMBERS}); refusing to unpack it")
+        total = 0
+        for info in infos:
+            name = info.filename.replace("\\", "/")
+            parts = [p for p in name.split("/") if p]
+            if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+                raise ModelError(
+                    f"{path} contains the member {info.filename!r}, which would be written outside the "
+                    "extraction folder (zip slip); refusing this package"
+                )
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise ModelError(f"{path} contains a symbolic link {info.filename!r}; refusing this package")
+            total += info.file_size
+            if info.compress_size and info.file_size / info.compress_size > MAX_ZIP_RATIO and info.file_size > 1 << 20:
+                raise ModelError(
+                    f"{path}: member {info.filename!r} expands {info.file_size / info.compress_size:.0f}-fold "
+                    f"(limit {MAX_ZIP_RATIO}); refusing a possible zip bomb"
+                )
+        if total > MAX_ZIP_BYTES:
+            raise ModelError(f"{path} unpacks to {total} bytes (limit {MAX_ZIP_BYTES}); refusing to unpack it")
+
+
 def load_enhancer_model(
     source: str | os.PathLike[str],
     *,
@@ -145,10 +185,12 @@ def load_enhancer_model(
                     f"model folder {path} has no bioimageio.yaml (or rdf.yaml); pass the folder of an unpacked "
                     "bioimage.io model package, its yaml file, or the package .zip"
                 )
-        elif path.suffix.lower() == ".zip" and not zipfile.is_zipfile(path):
-            raise ModelError(
-                f"{path} is not a valid zip file (truncated or corrupt download?); download the model package again"
-            )
+        elif path.suffix.lower() == ".zip":
+            if not zipfile.is_zipfile(path):
+                raise ModelError(
+                    f"{path} is not a valid zip file (truncated or corrupt download?); download the model package again"
+                )
+            check_zip_package(path)
         local: Path = path
     elif _looks_local(src):
         raise ModelError(

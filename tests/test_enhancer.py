@@ -390,3 +390,23 @@ def test_3d_step_model_contract(shared_models: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(out[1:-1, 1:-1, 1:-1], ref[1:-1, 1:-1, 1:-1], rtol=1e-5, atol=1e-6)
     with pytest.raises(IncompatibleInputError, match="works on 'zyx' data"):
         g.add(Enhancer(model), image=g.add(ArraySource(np.zeros((20, 20), np.float32), "yx")))
+
+
+@pytest.mark.parametrize(
+    ("member", "data", "match"),
+    [
+        ("../evil.py", b"x", "zip slip"),
+        ("/etc/evil", b"x", "zip slip"),
+        ("weights/../../evil", b"x", "zip slip"),
+        ("bomb.bin", b"\0" * (8 << 20), "zip bomb"),
+    ],
+)
+def test_unsafe_zip_packages_are_refused(tmp_path: Path, member: str, data: bytes, match: str) -> None:
+    import zipfile
+
+    p = tmp_path / "model.zip"
+    with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("bioimageio.yaml", "type: model\n")
+        zf.writestr(member, data)
+    with pytest.raises(ModelError, match=match):
+        load_enhancer_model(p)
