@@ -15,7 +15,13 @@ zarr = pytest.importorskip("zarr")
 
 from operators.kernels.synthetic import em_like  # noqa: E402
 from tda_graph.frontends.cli import main  # noqa: E402
-from tda_graph.frontends.distributed import _client, _prepare_output, predict_distributed, write_block  # noqa: E402
+from tda_graph.frontends.distributed import (  # noqa: E402
+    _client,
+    _prepare_output,
+    predict_distributed,
+    restore_environ,
+    write_block,
+)
 from tda_graph.workflows.blocks import block_grid, predict_block  # noqa: E402
 from tda_graph.workflows.headless import BatchError, predict_to_file, train_project  # noqa: E402
 from tda_graph.workflows.strokes import simulate_strokes  # noqa: E402
@@ -46,12 +52,14 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
+    saved = {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
     client, c = _client("local:2", None)  # what --scheduler local:2 starts: 1 thread, 1 numba thread each
     try:
         yield c, client
     finally:
         client.close()
         c.close()
+        restore_environ(saved)  # a worker restarted by a test may have set them again
 
 
 def read(path):
@@ -177,3 +185,16 @@ def test_cli_starts_its_own_local_cluster(data, capsys):
     assert "predict" in capsys.readouterr().err  # the progress bar
     got = zarr.open_group(str(d / "l.zarr"))["probs"][...]
     np.testing.assert_array_equal(got, refs["probabilities"][:, :64, 32:])
+
+
+def test_local_cluster_leaves_this_process_environment_alone(monkeypatch):
+    """The nanny's pre-spawn variables must not stick here: numba fails if NUMBA_NUM_THREADS changes."""
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    client, c = _client("local:1", None)
+    try:
+        assert "NUMBA_NUM_THREADS" not in os.environ and os.environ["OMP_NUM_THREADS"] == "2"
+        assert set(client.run(lambda: os.environ.get("NUMBA_NUM_THREADS")).values()) == {"1"}  # workers: 1 thread
+    finally:
+        client.close()
+        c.close()

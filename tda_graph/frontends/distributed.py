@@ -147,6 +147,22 @@ def _prepare_output(
     return done, set()
 
 
+_SINGLE_THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def _snapshot_environ() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in _SINGLE_THREAD_VARS}
+
+
+def restore_environ(saved: dict[str, str | None]) -> None:
+    """Put back this process's thread-count variables (see :func:`_client`)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def _local_workers(scheduler: str) -> int | None:
     """N of ``local:N`` (``local``: one per core), ``None`` for a scheduler address; else BatchError."""
     if scheduler == "local" or scheduler.startswith("local:"):
@@ -175,7 +191,8 @@ def _client(scheduler: str, memory: int | None) -> tuple[Any, Any]:
         except OSError as e:
             raise BatchError(f"cannot reach the dask scheduler at {scheduler!r} ({e}); is it running?") from None
     # set before the worker processes start: numba reads its thread count when first imported
-    single = {f"distributed.nanny.pre-spawn-environ.{v}": "1" for v in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    single = {f"distributed.nanny.pre-spawn-environ.{v}": "1" for v in _SINGLE_THREAD_VARS}
+    saved = _snapshot_environ()
     with dask.config.set(single):
         cluster = LocalCluster(
             n_workers=n,
@@ -184,6 +201,7 @@ def _client(scheduler: str, memory: int | None) -> tuple[Any, Any]:
             memory_limit=(memory + WORKER_OVERHEAD) if memory else "auto",
             dashboard_address=":0",  # any free port: several clusters may run on one host
         )
+    restore_environ(saved)  # the nanny also applied them to this process
     return Client(cluster), cluster
 
 
@@ -286,6 +304,9 @@ def _run(
     """Submit the blocks of ``todo``, write a marker as each finishes; return how many were computed."""
     from dask.distributed import as_completed
 
+    # The nanny applies pre-spawn variables to this process's environment too; numba
+    # refuses to run here later if NUMBA_NUM_THREADS changed, so restore it afterwards.
+    saved = _snapshot_environ()
     client, cluster = _client(scheduler, memory)
     run_id = uuid.uuid4().hex[:8]
     bar = _bar(progress, total, skipped)
@@ -307,6 +328,7 @@ def _run(
         client.close()
         if cluster is not None:
             cluster.close()
+        restore_environ(saved)  # a restarted worker may have set them again
 
 
 class _NoBar:
