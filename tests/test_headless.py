@@ -271,3 +271,11 @@ def test_enhanced_export_with_a_model_package(trained, shared_data, capsys):
     assert "broken" in capsys.readouterr().err
     assert main([*args, "--project", str(d / "b.tdap"), "--enhancer", "no_such_model"]) != 0
     assert "neither a bundled enhancer" in capsys.readouterr().err
+
+
+def test_info_shows_project_and_graph(trained, capsys):
+    d, proj, _ = trained
+    assert main(["info", "--project", str(proj), "--input", f"{d}/img.h5:/raw"]) == 0
+    out = capsys.readouterr().out
+    assert "forest: 15 trees" in out and "classes: 1=class 1" in out
+    assert "probabilities    yxc   (300, 260, 2) float32 cached" in out

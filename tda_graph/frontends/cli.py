@@ -190,6 +190,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    """What a project holds, and the graph it builds (nodes, specs, cache settings)."""
+    from ..workflows.headless import _build
+    from ..workflows.project import load_project
+
+    state = load_project(args.project, check_files=args.input is None)
+    labels = state.labels
+    print(f"project: {args.project}")
+    print(f"  input: {state.input_spec} (axes {state.axes or 'from metadata'})")
+    print(
+        f"  features: {len(state.selection)} (in 2D: {state.in_2d}): "
+        + ", ".join(f"{f} σ={s:g}" for f, s in state.selection)
+    )
+    if labels is not None:
+        counts = labels.counts()
+        names = labels.class_names
+        print("  classes: " + ", ".join(f"{k}={n} ({counts.get(k, 0)} labelled)" for k, n in enumerate(names, 1)))
+    if state.forest is not None:
+        f = state.forest
+        print(f"  forest: {f.n_trees} trees, {f.n_features} features, classes {[int(c) for c in f.classes]}")
+    print(f"  enhancer channel: {state.channel}; enhancer: {state.enhancer}")
+    if args.input:
+        job = _build(state, args.input, args.axes, args.export, 1)
+        g = job.wf.graph
+        print("graph:")
+        for op in g.nodes:
+            spec = g.spec(op)
+            cache = "cached " + "x".join(map(str, g.block_shape(op))) if g.is_cached(op) else "uncached"
+            print(f"  {op.label:16s} {spec.axes:5s} {tuple(spec.shape)} {spec.dtype} {cache}")
+        if args.dot:
+            print(g.to_dot())
+        job.wf.close()
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """List bundled enhancers and models in the download cache."""
     from operators.enhancer import load_enhancer_model
@@ -260,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on dask.distributed: local:N (N worker processes) or tcp://host:port; outputs must be .zarr",
     )
     pr.set_defaults(func=cmd_predict)
+
+    i = sub.add_parser("info", help="show what a project holds and the graph it builds for an input")
+    i.add_argument("--project", required=True)
+    i.add_argument("--input", default=None, help="PATH[:DATASET]: also show the graph for this input")
+    i.add_argument("--axes", default=None)
+    i.add_argument("--export", default="probabilities", help="output to plan for (default: %(default)s)")
+    i.add_argument("--dot", action="store_true", help="also print the graph in Graphviz dot syntax")
+    i.set_defaults(func=cmd_info)
 
     m = sub.add_parser("models", help="list bundled and cached enhancer models; check a local package")
     m.add_argument("--add", default=None, help="a model package folder or .zip to check (it is used in place)")
