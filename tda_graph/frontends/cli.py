@@ -69,12 +69,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     wf.request("probabilities", Roi(view.start + (0,), view.stop + (2,)))
     t_live = time.perf_counter() - t1
     recomputed = wf.graph.stats(wf.probabilities)["voxels_computed"] - before
+    panels = [em.raw, painted, prob, seg]
+    enhanced_iou = None
+    t_enh = None
+    if not args.no_enhancer:
+        from ..models import bundled_enhancers
+
+        if "mitochondria_em2d" in bundled_enhancers():
+            wf.set_enhancer("mitochondria_em2d")
+            t1 = time.perf_counter()
+            enh = wf.request("enhanced")[..., 0]
+            t_enh = time.perf_counter() - t1
+            enhanced_iou = round(_iou(enh > 0.5, gt), 4)
+            panels.append(enh)
     summary = {
         "image": f"synthetic EM-like {args.size}x{args.size} (seed {args.seed})",
         "strokes": len(strokes),
         "labelled_pixels": int((painted > 0).sum()),
         "forest": {"trees": args.trees, "trainings": wf.probabilities.counters["trainings"]},
         "forest_iou_mitochondria": round(_iou(seg == 2, gt), 4),
+        "enhanced_iou_mitochondria": enhanced_iou,
+        "enhancer": "mitochondria_em2d (bundled)" if enhanced_iou is not None else None,
+        "enhancer_s": None if t_enh is None else round(t_enh, 3),
         "chance_iou": round(_iou(np.ones_like(gt), gt), 4),
         "first_prediction_s": round(t_first, 3),
         "stroke_to_viewport_s": round(t_live, 3),
@@ -82,14 +98,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "pixels_predicted_after_stroke": int(recomputed // 2),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    _save_png(out / "overview.png", [em.raw, painted, prob, seg])
+    _save_png(out / "overview.png", panels)
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     if args.dot:
         print(wf.graph.to_dot())
     print(json.dumps(summary, indent=2))
-    panels = "raw | strokes | forest probability | segmentation"
-    print(f"wrote {out / 'overview.png'} ({panels}) and {out / 'summary.json'}")
+    names = "raw | strokes | forest probability | segmentation" + (" | enhanced" if len(panels) > 4 else "")
+    print(f"wrote {out / 'overview.png'} ({names}) and {out / 'summary.json'}")
     wf.close()
     return 0
 
@@ -256,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
     d.add_argument("--dot", action="store_true", help="also print the graph in Graphviz dot syntax")
+    d.add_argument("--no-enhancer", action="store_true", help="skip the bundled enhancer")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a forest from an image and a sparse label image; write a project")
@@ -303,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--export", default="probabilities", help="output to plan for (default: %(default)s)")
     i.add_argument("--dot", action="store_true", help="also print the graph in Graphviz dot syntax")
     i.set_defaults(func=cmd_info)
+
+    from ..workflows.shallow2deep import add_train_enhancer_parser  # torch is imported only when it runs
+
+    add_train_enhancer_parser(sub)
 
     m = sub.add_parser("models", help="list bundled and cached enhancer models; check a local package")
     m.add_argument("--add", default=None, help="a model package folder or .zip to check (it is used in place)")

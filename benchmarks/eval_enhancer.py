@@ -1,0 +1,226 @@
+"""Evaluate the bundled shallow2deep enhancers on data they were not trained on.
+
+For every evaluation slice: simulate seeded sparse brush strokes from the
+ground truth (about 0.1% of the pixels, half per class), train a random forest
+on ilastik features of that slice, and compare
+
+(a) the forest alone: foreground probability > 0.5, and
+(b) forest + enhancer: the enhancer's output on that probability > 0.5
+
+with the ground truth (foreground IoU and Dice, pooled over the slices of a
+dataset). The enhancer runs on the whole slice, reflect-padded by its halo and
+to a valid input size, through the package's TorchScript weights.
+
+Usage::
+
+    python benchmarks/eval_enhancer.py [--data ../shared/data] [--out results.json] [--quick]
+
+Datasets (skipped when a file is missing)
+-----------------------------------------
+mitochondria_em2d (trained on EPFL slices 0-19)
+    EPFL mitochondria, held-out slices 20-26 (same domain); synthetic
+    ``em_like`` mitochondria (other domain).
+membranes_em2d (trained on ISBI 2012 slices 0-19)
+    ISBI membranes, held-out slices 20-29 (same domain); EPFL membranes
+    slices 20-26 (FIB-SEM mouse, other domain); FlyEM medulla boundaries,
+    z = 25, 75, ..., 225 (isotropic FIB-SEM fly, other domain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tda_graph.models import bundled_enhancer  # noqa: E402
+from tda_graph.workflows.shallow2deep import forest_probability  # noqa: E402
+from tda_graph.workflows.strokes import simulate_strokes  # noqa: E402
+
+#: Forest features of the evaluation (a common ilastik selection: all features, σ 0.7-5.0).
+EVAL_FEATURES: list[tuple[str, float]] = [
+    (f, s)
+    for s in (0.7, 1.0, 1.6, 3.5, 5.0)
+    for f in (
+        "GaussianSmoothing",
+        "LaplacianOfGaussian",
+        "GaussianGradientMagnitude",
+        "DifferenceOfGaussians",
+        "StructureTensorEigenvalues",
+        "HessianOfGaussianEigenvalues",
+    )
+]
+
+
+class TorchscriptEnhancer:
+    """Whole-image inference with a package's TorchScript weights."""
+
+    def __init__(self, package: Path) -> None:
+        import torch
+        import yaml
+
+        rdf = yaml.safe_load((package / "bioimageio.yaml").read_text())
+        self.model = torch.jit.load(str(package / rdf["weights"]["torchscript"]["source"]), map_location="cpu").eval()
+        size = rdf["inputs"][0]["axes"][2]["size"]
+        self.min, self.step = int(size["min"]), int(size["step"])
+        self.halo = int(rdf["outputs"][0]["axes"][2].get("halo", 0))
+
+    def _valid(self, n: int) -> int:
+        return self.min + max(0, -(-(n - self.min) // self.step)) * self.step
+
+    def __call__(self, prob: np.ndarray) -> np.ndarray:
+        import torch
+
+        h, w = prob.shape
+        th, tw = self._valid(h + 2 * self.halo), self._valid(w + 2 * self.halo)
+        py, px = self.halo, self.halo
+        padded = np.pad(prob, ((py, th - h - py), (px, tw - w - px)), mode="reflect")
+        with torch.no_grad():
+            out = self.model(torch.from_numpy(padded[None, None].astype(np.float32).copy())).numpy()[0, 0]
+        return out[py : py + h, px : px + w]
+
+
+def _read(path: Path, key: str, index: list[int]) -> np.ndarray:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f[key][index]
+
+
+def datasets(data: Path, quick: bool) -> Iterator[tuple[str, str, str, np.ndarray, np.ndarray]]:
+    """Yield ``(enhancer, dataset name, domain, raw stack, mask stack)``."""
+    from operators.kernels.synthetic import em_like
+
+    epfl, isbi, flyem = data / "epfl_train.h5", data / "isbi2012_train.h5", data / "flyem_medulla.h5"
+    epfl_z = [20, 21, 22] if quick else list(range(20, 27))
+    if epfl.exists():
+        yield (
+            "mitochondria_em2d",
+            "EPFL mitochondria z20-26",
+            "same",
+            _read(epfl, "raw", epfl_z),
+            _read(epfl, "mitochondria", epfl_z),
+        )
+    syn = [em_like((512, 512), seed=100 + s) for s in range(2 if quick else 4)]
+    yield (
+        "mitochondria_em2d",
+        "synthetic em_like mitochondria",
+        "other",
+        np.stack([s.raw for s in syn]),
+        np.stack([s.mitochondria for s in syn]),
+    )
+    if isbi.exists():
+        z = [20, 25, 29] if quick else list(range(20, 30))
+        yield "membranes_em2d", "ISBI membranes z20-29", "same", _read(isbi, "raw", z), _read(isbi, "membranes", z)
+    if epfl.exists():
+        yield (
+            "membranes_em2d",
+            "EPFL membranes z20-26",
+            "other",
+            _read(epfl, "raw", epfl_z),
+            _read(epfl, "membranes", epfl_z),
+        )
+    if flyem.exists():
+        z = [25, 125, 225] if quick else list(range(25, 250, 50))
+        yield (
+            "membranes_em2d",
+            "FlyEM medulla boundaries",
+            "other",
+            _read(flyem, "raw", z),
+            _read(flyem, "boundaries", z),
+        )
+
+
+def _strokes_labels(mask: np.ndarray, seed: int, fraction: float = 0.001) -> np.ndarray:
+    per_class = max(50, int(fraction * mask.size / 2))
+    gt = mask > 0
+    labels = np.zeros(mask.shape, np.uint8)
+    for s in simulate_strokes({1: ~gt, 2: gt}, pixels_per_class=per_class, width=1, seed=seed):
+        labels[s.roi.to_slices()][s.mask] = s.label
+    return labels
+
+
+def evaluate(data: Path, quick: bool = False, n_trees: int = 50) -> list[dict[str, object]]:
+    """Run every available dataset; return one result row per dataset."""
+    import torch
+
+    torch.set_num_threads(1)
+    enhancers: dict[str, TorchscriptEnhancer] = {}
+    rows: list[dict[str, object]] = []
+    for name, dname, domain, raws, masks in datasets(data, quick):
+        if name not in enhancers:
+            enhancers[name] = TorchscriptEnhancer(bundled_enhancer(name))
+        enh = enhancers[name]
+        counts = {"forest": np.zeros(3), "enhanced": np.zeros(3)}  # intersection, |pred|, |gt|
+        n_labels = 0
+        t0 = time.perf_counter()
+        for i, (raw, mask) in enumerate(zip(raws, masks)):
+            gt = mask > 0
+            labels = _strokes_labels(mask, seed=i)
+            n_labels += int((labels > 0).sum())
+            prob = forest_probability(raw, labels, n_trees=n_trees, seed=i, features=EVAL_FEATURES)
+            for key, pred in (("forest", prob > 0.5), ("enhanced", enh(prob) > 0.5)):
+                counts[key] += ((pred & gt).sum(), pred.sum(), gt.sum())
+        row: dict[str, object] = {
+            "enhancer": name,
+            "dataset": dname,
+            "domain": domain,
+            "slices": len(raws),
+            "shape": list(raws.shape[1:]),
+            "labelled_fraction": n_labels / raws.size,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        for key, (inter, p, g) in counts.items():
+            row[f"{key}_iou"] = float(inter / max(1.0, p + g - inter))
+            row[f"{key}_dice"] = float(2 * inter / max(1.0, p + g))
+        rows.append(row)
+        print(
+            f"{name:18s} {dname:34s} forest IoU {row['forest_iou']:.3f} Dice {row['forest_dice']:.3f} | "
+            f"+enhancer IoU {row['enhanced_iou']:.3f} Dice {row['enhanced_dice']:.3f}  ({row['seconds']} s)",
+            flush=True,
+        )
+    return rows
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    """Results as a markdown table."""
+    lines = [
+        "| enhancer | dataset | domain | slices | labelled | forest IoU | forest Dice "
+        "| + enhancer IoU | + enhancer Dice |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['enhancer']} | {r['dataset']} | {r['domain']} | {r['slices']} | "
+            f"{100 * float(r['labelled_fraction']):.2f}% | {r['forest_iou']:.3f} | {r['forest_dice']:.3f} | "
+            f"{r['enhanced_iou']:.3f} | {r['enhanced_dice']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    p.add_argument("--quick", action="store_true", help="fewer slices")
+    p.add_argument("--trees", type=int, default=50)
+    args = p.parse_args(argv)
+    rows = evaluate(args.data, quick=args.quick, n_trees=args.trees)
+    print()
+    print(markdown(rows))
+    if args.out is not None:
+        args.out.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

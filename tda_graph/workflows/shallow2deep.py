@@ -1,0 +1,931 @@
+"""Shallow2deep: train a small "enhancer" U-Net on random-forest predictions.
+
+Recipe (Matskevych et al. 2022, "From Shallow to Deep"): many small random
+forests are trained on random patches with random sparse labels; each forest's
+foreground probability on a larger crop becomes one training input of a U-Net
+whose target is the dense ground truth. The trained network turns the noisy
+probability map of *any* new forest (trained interactively on a new domain)
+into a clean foreground map.
+
+Functions
+---------
+:func:`make_forest_predictions`
+    (probability, ground truth) pairs from many small forests.
+:func:`build_unet` / :func:`train_unet`
+    A small 2D U-Net and its seeded training loop (flip/rot90 + noise
+    augmentation, BCE + Dice loss, optional checkpoint).
+:func:`export_enhancer`
+    TorchScript weights plus a bioimage.io format-0.5 model package.
+:func:`train_enhancer`
+    All of the above; :func:`add_train_enhancer_parser` registers it as the
+    ``tda train-enhancer`` sub-command.
+
+torch and bioimageio are imported inside the functions that need them, so
+importing this module (and :mod:`tda_graph`) stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SHALLOW2DEEP_FEATURES",
+    "ForestPair",
+    "TrainResult",
+    "make_forest_predictions",
+    "forest_probability",
+    "build_unet",
+    "train_unet",
+    "export_enhancer",
+    "train_enhancer",
+    "check_package",
+    "read_stack",
+    "add_train_enhancer_parser",
+    "cmd_train_enhancer",
+    "main",
+]
+
+#: The ilastik features used by the shallow2deep forests: every feature at σ 0.7, 1.6, 3.5 and 5.0
+#: (32 channels in 2D).
+SHALLOW2DEEP_FEATURES: tuple[tuple[str, float], ...] = tuple(
+    (f, s)
+    for s in (0.7, 1.6, 3.5, 5.0)
+    for f in (
+        "GaussianSmoothing",
+        "LaplacianOfGaussian",
+        "GaussianGradientMagnitude",
+        "DifferenceOfGaussians",
+        "StructureTensorEigenvalues",
+        "HessianOfGaussianEigenvalues",
+    )
+)
+
+_CITATION = {
+    "text": (
+        "Matskevych, A., Wolny, A., Pape, C., Kreshuk, A. (2022). From Shallow to Deep: Exploiting Feature-Based "
+        "Classifiers for Domain Adaptation in Semantic Segmentation. Frontiers in Computer Science 4:805166."
+    ),
+    "doi": "10.3389/fcomp.2022.805166",
+}
+
+
+@dataclass(frozen=True)
+class ForestPair:
+    """One training example: a forest's foreground probability and the dense ground truth (same 2D shape)."""
+
+    probability: np.ndarray  # float32 in [0, 1]
+    target: np.ndarray  # float32, 0 or 1
+    source: tuple[int, int, int, int]  # (image index, slice, y0, x0) of the crop
+    n_labels: int  # labelled pixels the forest was trained on
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_enhancer` measured."""
+
+    package: Path
+    n_pairs: int
+    iterations: int
+    forest_seconds: float
+    train_seconds: float
+    final_loss: float
+    n_parameters: int
+    package_bytes: int
+    test_status: str | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- forests
+def _as_slices(stack: np.ndarray) -> np.ndarray:
+    a = np.asarray(stack)
+    if a.ndim == 2:
+        return a[np.newaxis]
+    if a.ndim != 3:
+        raise ValueError(f"expected a 2D image or a (z, y, x) stack, got shape {a.shape}")
+    return a
+
+
+def _sparse_labels(target: np.ndarray, window: tuple[slice, slice], rng: np.random.Generator) -> np.ndarray:
+    """Random sparse labels (0 = unlabelled, 1 = background, 2 = foreground) inside ``window``.
+
+    Half of the forests get balanced random points (20-300 per class), the other
+    half simulated brush strokes, so the forests range from poor to good.
+    """
+    from .strokes import simulate_strokes
+
+    labels = np.zeros(target.shape, np.uint8)
+    sub = target[window].astype(bool)
+    n = int(rng.integers(20, 301))
+    if rng.random() < 0.5:
+        for value, mask in ((1, ~sub), (2, sub)):
+            pts = np.flatnonzero(mask)
+            pick = rng.choice(pts, size=min(n, len(pts)), replace=False)
+            view = labels[window]
+            view[np.unravel_index(pick, sub.shape)] = value
+    else:
+        strokes = simulate_strokes(
+            {1: ~sub, 2: sub},
+            pixels_per_class=n,
+            length=int(rng.integers(10, 40)),
+            width=int(rng.integers(0, 2)),
+            seed=int(rng.integers(2**31)),
+        )
+        view = labels[window]
+        for s in strokes:
+            view[s.roi.to_slices()][s.mask] = s.label
+    return labels
+
+
+def forest_probability(
+    image: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n_trees: int = 15,
+    seed: int = 0,
+    features: Sequence[tuple[str, float]] = SHALLOW2DEEP_FEATURES,
+    feature_image: np.ndarray | None = None,
+) -> np.ndarray:
+    """Train a random forest on sparse labels of a 2D image and predict its foreground probability.
+
+    Parameters
+    ----------
+    image : ndarray, shape (y, x)
+        Raw image.
+    labels : ndarray, shape (y, x)
+        0 = unlabelled, 1 = background, 2 = foreground.
+    n_trees : int
+        Number of trees.
+    seed : int
+        Forest seed.
+    features : sequence of (feature id, sigma)
+        ilastik features to compute (ignored when ``feature_image`` is given).
+    feature_image : ndarray, optional
+        Precomputed features ``(y, x, n_features)``.
+
+    Returns
+    -------
+    ndarray, float32, shape (y, x)
+        Probability of class 2 (foreground).
+    """
+    from operators.classifier import ClassifierSettings, train_forest
+    from operators.kernels import features_cpu, forest_cpu
+
+    if feature_image is None:
+        feature_image = features_cpu.compute_features(np.asarray(image)[..., np.newaxis], list(features))
+    mask = labels > 0
+    X = feature_image[mask]
+    y = labels[mask].astype(np.int64)
+    if len(np.unique(y)) < 2:
+        raise ValueError("labels must contain both background (1) and foreground (2)")
+    forest = train_forest(X, y, ClassifierSettings(n_trees=n_trees, seed=seed, n_jobs=1))
+    proba = forest_cpu.predict_proba_image(forest, feature_image)
+    col = int(np.flatnonzero(np.asarray(forest.classes) == 2)[0])
+    return np.clip(proba[..., col], 0.0, 1.0).astype(np.float32)
+
+
+def make_forest_predictions(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    n_forests: int,
+    *,
+    patch: int = 256,
+    crop: int | None = None,
+    n_trees: int = 15,
+    min_foreground: float = 0.005,
+    seed: int = 0,
+    features: Sequence[tuple[str, float]] = SHALLOW2DEEP_FEATURES,
+    log: Callable[[str], None] | None = None,
+) -> list[ForestPair]:
+    """Train ``n_forests`` small forests on random sparse labels; return their predictions.
+
+    For each forest: pick a random image, a random slice and a random crop
+    (``crop`` pixels per side, clipped to the slice); inside a random
+    ``patch``-sized window of that crop sample sparse labels from the ground
+    truth (balanced random points or simulated strokes, 20-300 pixels per
+    class); compute the ilastik ``features`` of the crop, train an
+    ``n_trees`` forest and predict the foreground probability on the whole
+    crop.
+
+    Parameters
+    ----------
+    images, masks : sequence of ndarray
+        Raw images and their binary ground truth, each 2D ``(y, x)`` or a stack
+        ``(z, y, x)`` of independent 2D slices.
+    n_forests : int
+        Number of forests (= returned pairs).
+    patch : int
+        Side of the window the labels are drawn in.
+    crop : int, optional
+        Side of the predicted crop (default ``2 * patch``).
+    n_trees : int
+        Trees per forest.
+    min_foreground : float
+        Minimum foreground fraction of the label window (windows are resampled
+        up to 20 times to find one).
+    seed : int
+        Everything (crop positions, labels, forests) is derived from it.
+    features : sequence of (feature id, sigma)
+        ilastik features.
+    log : callable, optional
+        Receives progress lines.
+
+    Returns
+    -------
+    list of ForestPair
+        ``probability`` float32 in [0, 1] and ``target`` float32 in {0, 1}.
+    """
+    from operators.kernels import features_cpu
+
+    if len(images) != len(masks) or not images:
+        raise ValueError("need the same, non-zero number of images and masks")
+    stacks = [_as_slices(i) for i in images]
+    gts = [_as_slices(m) for m in masks]
+    for s, g in zip(stacks, gts):
+        if s.shape != g.shape:
+            raise ValueError(f"image and mask shapes differ: {s.shape} vs {g.shape}")
+    crop = 2 * patch if crop is None else int(crop)
+    rng = np.random.default_rng(seed)
+    pairs: list[ForestPair] = []
+    t0 = time.perf_counter()
+    for k in range(int(n_forests)):
+        for _attempt in range(20):
+            i = int(rng.integers(len(stacks)))
+            z = int(rng.integers(stacks[i].shape[0]))
+            h, w = stacks[i].shape[1:]
+            ch, cw = min(crop, h), min(crop, w)
+            y0, x0 = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+            ph, pw = min(patch, ch), min(patch, cw)
+            py, px = int(rng.integers(ch - ph + 1)), int(rng.integers(cw - pw + 1))
+            target = gts[i][z, y0 : y0 + ch, x0 : x0 + cw] > 0
+            window = (slice(py, py + ph), slice(px, px + pw))
+            frac = float(target[window].mean())
+            if min_foreground <= frac <= 1 - min_foreground:
+                break
+        else:
+            raise ValueError("could not find a patch with both classes; check the masks")
+        raw = stacks[i][z, y0 : y0 + ch, x0 : x0 + cw]
+        labels = _sparse_labels(target, window, rng)
+        feats = features_cpu.compute_features(raw[..., np.newaxis], list(features))
+        prob = forest_probability(raw, labels, n_trees=n_trees, seed=int(rng.integers(2**31)), feature_image=feats)
+        pairs.append(ForestPair(prob, target.astype(np.float32), (i, z, y0, x0), int((labels > 0).sum())))
+        if log is not None and ((k + 1) % 10 == 0 or k + 1 == n_forests):
+            log(f"forests {k + 1}/{n_forests}  ({time.perf_counter() - t0:.1f} s)")
+    return pairs
+
+
+# --------------------------------------------------------------------------- network
+def build_unet(depth: int = 3, width: int = 16, in_channels: int = 1, out_channels: int = 1) -> Any:
+    """A small 2D U-Net with a sigmoid output.
+
+    Each level has two 3x3 convolutions (same padding) with ReLU; the encoder
+    halves the resolution ``depth`` times (max pooling) and doubles the
+    channels; the decoder upsamples with 2x2 transposed convolutions and
+    concatenates the skip connection. Input sizes must be multiples of
+    ``2 ** depth``; the output has the input's size.
+
+    Parameters
+    ----------
+    depth : int
+        Number of down-sampling steps.
+    width : int
+        Channels of the first level.
+    in_channels, out_channels : int
+        Input and output channels.
+
+    Returns
+    -------
+    torch.nn.Module
+    """
+    import torch
+    from torch import nn
+
+    if depth < 1 or width < 1:
+        raise ValueError(f"depth and width must be >= 1, got {depth}, {width}")
+
+    def block(cin: int, cout: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+
+    class UNet2d(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            chans = [width * 2**i for i in range(depth + 1)]
+            self.encoders = nn.ModuleList(
+                [block(in_channels if i == 0 else chans[i - 1], chans[i]) for i in range(depth)]
+            )
+            self.pool = nn.MaxPool2d(2)
+            self.bottom = block(chans[depth - 1], chans[depth])
+            self.ups = nn.ModuleList(
+                [nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth))]
+            )
+            self.decoders = nn.ModuleList([block(2 * chans[i], chans[i]) for i in reversed(range(depth))])
+            self.head = nn.Conv2d(chans[0], out_channels, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            skips: list[torch.Tensor] = []
+            for enc in self.encoders:
+                x = enc(x)
+                skips.append(x)
+                x = self.pool(x)
+            x = self.bottom(x)
+            for i, (up, dec) in enumerate(zip(self.ups, self.decoders)):
+                x = up(x)
+                x = dec(torch.cat([x, skips[len(skips) - 1 - i]], dim=1))
+            return torch.sigmoid(self.head(x))
+
+    net = UNet2d()
+    net.depth = depth  # type: ignore[assignment]
+    return net
+
+
+def _augment(prob: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    k = int(rng.integers(4))
+    prob, target = np.rot90(prob, k), np.rot90(target, k)
+    if rng.random() < 0.5:
+        prob, target = prob[:, ::-1], target[:, ::-1]
+    if rng.random() < 0.5:
+        prob = prob + rng.normal(0.0, rng.uniform(0.0, 0.1), prob.shape).astype(np.float32)
+        prob = np.clip(prob, 0.0, 1.0)
+    return np.ascontiguousarray(prob, np.float32), np.ascontiguousarray(target, np.float32)
+
+
+def _sample_batch(
+    pairs: Sequence[ForestPair], batch_size: int, patch: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for _ in range(batch_size):
+        p = pairs[int(rng.integers(len(pairs)))]
+        h, w = p.probability.shape
+        if h < patch or w < patch:
+            raise ValueError(f"training crops ({h}x{w}) are smaller than the patch {patch}")
+        y0, x0 = int(rng.integers(h - patch + 1)), int(rng.integers(w - patch + 1))
+        sl = (slice(y0, y0 + patch), slice(x0, x0 + patch))
+        x, y = _augment(p.probability[sl], p.target[sl], rng)
+        xs.append(x)
+        ys.append(y)
+    return np.stack(xs)[:, None], np.stack(ys)[:, None]
+
+
+def _loss(pred: Any, target: Any) -> Any:
+    import torch
+
+    bce = torch.nn.functional.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
+    inter = (pred * target).sum()
+    dice = 1.0 - (2.0 * inter + 1.0) / (pred.sum() + target.sum() + 1.0)
+    return bce + dice
+
+
+def train_unet(
+    model: Any,
+    pairs: Sequence[ForestPair],
+    *,
+    iterations: int = 1000,
+    batch_size: int = 4,
+    patch: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    time_limit_s: float | None = None,
+    checkpoint: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    log_every: int = 50,
+) -> list[float]:
+    """Train ``model`` on random patches of ``pairs`` (Adam, BCE + Dice loss).
+
+    Patches get a random rot90, a random flip and, half the time, Gaussian noise
+    on the probability input. Given the same seed, model initialisation and
+    thread count, the run is deterministic (torch's deterministic algorithms
+    are enabled for its duration).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        E.g. from :func:`build_unet`; trained in place.
+    pairs : sequence of ForestPair
+        Training data.
+    iterations : int
+        Optimiser steps.
+    batch_size, patch : int
+        Batch size and patch side (a multiple of ``2 ** depth``).
+    lr : float
+        Learning rate (cosine-annealed to 5% of it).
+    seed : int
+        Seed of patch sampling and augmentation (and torch's RNG).
+    time_limit_s : float, optional
+        Stop early once training has taken this long.
+    checkpoint : path, optional
+        Where to save ``{"state_dict", "iteration", "losses"}`` (every
+        ``10 * log_every`` steps and at the end).
+    log : callable, optional
+        Receives progress lines.
+    log_every : int
+        Progress interval in steps.
+
+    Returns
+    -------
+    list of float
+        Loss of every step.
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iterations), eta_min=0.05 * lr)
+    losses: list[float] = []
+    model.train()
+    t0 = time.perf_counter()
+
+    def save(step: int) -> None:
+        if checkpoint is not None:
+            torch.save({"state_dict": model.state_dict(), "iteration": step, "losses": losses}, str(checkpoint))
+
+    try:
+        for step in range(1, int(iterations) + 1):
+            x, y = _sample_batch(pairs, batch_size, patch, rng)
+            opt.zero_grad()
+            loss = _loss(model(torch.from_numpy(x)), torch.from_numpy(y))
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            elapsed = time.perf_counter() - t0
+            if log is not None and (step % log_every == 0 or step == iterations):
+                recent = float(np.mean(losses[-log_every:]))
+                log(f"step {step}/{iterations}  loss {recent:.4f}  ({elapsed:.0f} s)")
+            if checkpoint is not None and step % (10 * log_every) == 0:
+                save(step)
+            if time_limit_s is not None and elapsed > time_limit_s:
+                if log is not None:
+                    log(f"time limit reached after {step} steps ({elapsed:.0f} s)")
+                break
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        model.eval()
+    save(len(losses))
+    return losses
+
+
+# --------------------------------------------------------------------------- export
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cover(path: Path, test_input: np.ndarray, test_output: np.ndarray) -> None:
+    from PIL import Image
+
+    a = (np.clip(test_input, 0, 1) * 255).astype(np.uint8)
+    b = (np.clip(test_output, 0, 1) * 255).astype(np.uint8)
+    row = np.concatenate([a, np.full((a.shape[0], 8), 255, np.uint8), b], axis=1)
+    Image.fromarray(row).convert("RGB").save(path, format="PNG")
+
+
+def export_enhancer(
+    model: Any,
+    path: str | Path,
+    *,
+    name: str,
+    description: str,
+    halo: int,
+    min_size: int,
+    step: int,
+    test_input: np.ndarray,
+    documentation: str | None = None,
+    tags: Sequence[str] = (),
+    training: dict[str, Any] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``model`` as a bioimage.io format-0.5 model package folder.
+
+    The package holds TorchScript weights (traced), ``test_input.npy`` /
+    ``test_output.npy``, a cover image, a README and ``bioimageio.yaml``:
+    input ``probability`` (axes ``b, c, y, x``, one channel, sizes
+    ``min_size + n * step``, values in [0, 1], no normalisation), output
+    ``foreground`` (same size, ``halo`` per spatial side), MIT licence and the
+    shallow2deep citation.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps ``(b, 1, y, x)`` probabilities to ``(b, 1, y, x)`` probabilities.
+    path : path
+        Package folder to create.
+    name, description : str
+        Model name and one-line description.
+    halo : int
+        Output halo per spatial side (pixels of unreliable border).
+    min_size, step : int
+        Valid spatial input sizes are ``min_size + n * step``.
+    test_input : ndarray, shape (y, x)
+        A forest probability map of a valid size.
+    documentation : str, optional
+        README text (markdown); a default one is written otherwise.
+    tags : sequence of str
+        Extra tags.
+    training : dict, optional
+        Training facts stored under ``config.tda_graph.training``.
+    overwrite : bool
+        Replace an existing folder.
+
+    Returns
+    -------
+    Path
+        The package folder (its ``bioimageio.yaml`` is the model source).
+    """
+    import torch
+    from bioimageio.spec import save_bioimageio_package_as_folder
+    from bioimageio.spec.model import v0_5
+
+    path = Path(path)
+    test_input = np.asarray(test_input, np.float32)
+    if test_input.ndim != 2:
+        raise ValueError(f"test_input must be 2D (y, x), got shape {test_input.shape}")
+    for n in test_input.shape:
+        if n < min_size or (n - min_size) % step:
+            raise ValueError(f"test_input shape {test_input.shape} is not min_size + n * step ({min_size}, {step})")
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(path)
+        shutil.rmtree(path)
+    model = model.eval()
+    x = torch.from_numpy(test_input[None, None].copy())
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+        out = traced(x).numpy().astype(np.float32)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        torch.jit.save(traced, str(tmp / "weights_torchscript.pt"))
+        np.save(tmp / "test_input.npy", x.numpy())
+        np.save(tmp / "test_output.npy", out)
+        _cover(tmp / "cover.png", test_input, out[0, 0])
+        doc = documentation or _default_readme(name, description, halo, min_size, step)
+        (tmp / "README.md").write_text(doc, encoding="utf-8")
+
+        def fd(fname: str) -> Any:
+            return v0_5.FileDescr(source=tmp / fname, sha256=_sha256(tmp / fname))
+
+        in_id = v0_5.TensorId("probability")
+        space_in = [
+            v0_5.SpaceInputAxis(id=v0_5.AxisId(a), size=v0_5.ParameterizedSize(min=min_size, step=step))
+            for a in ("y", "x")
+        ]
+        space_out = [
+            v0_5.SpaceOutputAxisWithHalo(
+                id=v0_5.AxisId(a), halo=halo, size=v0_5.SizeReference(tensor_id=in_id, axis_id=v0_5.AxisId(a))
+            )
+            for a in ("y", "x")
+        ]
+        ensure = v0_5.EnsureDtypeDescr(kwargs=v0_5.EnsureDtypeKwargs(dtype="float32"))
+        inp = v0_5.InputTensorDescr(
+            id=in_id,
+            description="foreground probability of a random forest (values in [0, 1])",
+            axes=[v0_5.BatchAxis(), v0_5.ChannelAxis(channel_names=[v0_5.Identifier("forest_probability")]), *space_in],
+            test_tensor=fd("test_input.npy"),
+            data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
+            preprocessing=[ensure],
+        )
+        outp = v0_5.OutputTensorDescr(
+            id=v0_5.TensorId("foreground"),
+            description="enhanced foreground probability (values in [0, 1])",
+            axes=[v0_5.BatchAxis(), v0_5.ChannelAxis(channel_names=[v0_5.Identifier("foreground")]), *space_out],
+            test_tensor=fd("test_output.npy"),
+            data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
+            postprocessing=[ensure],
+        )
+        descr = v0_5.ModelDescr(
+            name=name,
+            description=description,
+            covers=[fd("cover.png")],
+            documentation=fd("README.md"),
+            authors=[v0_5.Author(name="tda-graph contributors")],
+            cite=[v0_5.CiteEntry(text=_CITATION["text"], doi=v0_5.Doi(_CITATION["doi"]))],
+            license=v0_5.LicenseId("MIT"),
+            tags=["shallow2deep", "enhancer", "electron-microscopy", "unet2d", "pytorch", *tags],
+            version="0.1.0",
+            inputs=[inp],
+            outputs=[outp],
+            weights=v0_5.WeightsDescr(
+                torchscript=v0_5.TorchscriptWeightsDescr(
+                    source=tmp / "weights_torchscript.pt",
+                    sha256=_sha256(tmp / "weights_torchscript.pt"),
+                    pytorch_version=v0_5.Version(torch.__version__.split("+")[0]),
+                )
+            ),
+            config={"tda_graph": {"training": dict(training or {})}},
+        )
+        save_bioimageio_package_as_folder(descr, output_path=path)
+    rdf = path / "rdf.yaml"
+    if rdf.exists() and not (path / "bioimageio.yaml").exists():
+        rdf.rename(path / "bioimageio.yaml")
+    return path
+
+
+def _default_readme(name: str, description: str, halo: int, min_size: int, step: int) -> str:
+    return f"""# {name}
+
+{description}
+
+A shallow2deep *enhancer*: a small 2D U-Net that takes the foreground probability of a random forest
+(trained on sparse labels with ilastik filter features) and returns a cleaner foreground probability.
+
+- Input `probability`: axes `b, c, y, x`, one channel, float32 in [0, 1], no normalisation;
+  spatial size `{min_size} + n * {step}`.
+- Output `foreground`: same size, float32 in [0, 1] (sigmoid inside the network); discard {halo} pixels of
+  halo on each side when tiling.
+- Weights: TorchScript.
+
+Method: {_CITATION["text"]} doi:{_CITATION["doi"]}
+
+Licence: MIT.
+"""
+
+
+def check_package(path: str | Path) -> str:
+    """Run ``bioimageio.core.test_model`` on a package and return its status (``"passed"`` or ``"failed"``)."""
+    from bioimageio.core import test_model
+
+    src = Path(path)
+    if src.is_dir():
+        src = next(src / n for n in ("bioimageio.yaml", "rdf.yaml") if (src / n).exists())
+    return str(test_model(src).status)
+
+
+# --------------------------------------------------------------------------- all together
+def train_enhancer(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    out: str | Path,
+    *,
+    name: str,
+    description: str,
+    n_forests: int = 60,
+    iterations: int = 1500,
+    seed: int = 0,
+    depth: int = 3,
+    width: int = 16,
+    label_patch: int = 256,
+    crop: int = 384,
+    train_patch: int = 128,
+    batch_size: int = 4,
+    lr: float = 1e-3,
+    n_trees: int = 15,
+    halo: int = 16,
+    min_size: int = 64,
+    test_size: int = 128,
+    time_limit_s: float | None = None,
+    checkpoint: str | Path | None = None,
+    threads: int | None = 1,
+    run_test: bool = True,
+    training_info: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> TrainResult:
+    """Forest predictions → U-Net training → bioimage.io package, in one call.
+
+    Parameters
+    ----------
+    images, masks : sequence of ndarray
+        Training raw images and binary ground truth (2D or stacks of 2D slices).
+    out : path
+        Package folder to write.
+    name, description : str
+        Model name and description.
+    n_forests, iterations, seed, depth, width : int
+        Number of forests, optimiser steps, seed, U-Net depth and first-level width.
+    label_patch, crop, train_patch : int
+        Label window, forest prediction crop and U-Net training patch sides.
+    batch_size : int
+        U-Net batch size.
+    lr : float
+        Learning rate.
+    n_trees : int
+        Trees per forest.
+    halo, min_size : int
+        Declared output halo and minimum input size (the step is ``2 ** depth``,
+        at least 16).
+    test_size : int
+        Side of the stored test tensor (rounded down to a valid size; keeps the package small).
+    time_limit_s : float, optional
+        Stop the U-Net training after this many seconds.
+    checkpoint : path, optional
+        Training checkpoint file.
+    threads : int, optional
+        ``torch.set_num_threads`` during training (``None`` leaves it).
+    run_test : bool
+        Run ``bioimageio.core.test_model`` on the package.
+    training_info : dict, optional
+        Extra facts stored in the package config (e.g. data sources).
+    log : callable, optional
+        Progress output.
+
+    Returns
+    -------
+    TrainResult
+    """
+    import torch
+
+    prev_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        t0 = time.perf_counter()
+        pairs = make_forest_predictions(
+            images, masks, n_forests, patch=label_patch, crop=crop, n_trees=n_trees, seed=seed, log=log
+        )
+        t_forest = time.perf_counter() - t0
+        torch.manual_seed(seed)
+        model = build_unet(depth=depth, width=width)
+        n_params = sum(p.numel() for p in model.parameters())
+        if log is not None:
+            log(f"U-Net depth {depth} width {width}: {n_params} parameters")
+        t1 = time.perf_counter()
+        losses = train_unet(
+            model,
+            pairs,
+            iterations=iterations,
+            batch_size=batch_size,
+            patch=train_patch,
+            lr=lr,
+            seed=seed,
+            time_limit_s=time_limit_s,
+            checkpoint=checkpoint,
+            log=log,
+        )
+        t_train = time.perf_counter() - t1
+        step = max(16, 2**depth)
+        size = min_size + ((min(test_size, *pairs[0].probability.shape) - min_size) // step) * step
+        test_input = pairs[0].probability[:size, :size]
+        info = {
+            "n_forests": n_forests,
+            "iterations": len(losses),
+            "seed": seed,
+            "depth": depth,
+            "width": width,
+            "n_trees": n_trees,
+            "features": [list(f) for f in SHALLOW2DEEP_FEATURES],
+            "final_loss": float(np.mean(losses[-50:])),
+            "forest_seconds": round(t_forest, 1),
+            "train_seconds": round(t_train, 1),
+            **(training_info or {}),
+        }
+        pkg = export_enhancer(
+            model,
+            out,
+            name=name,
+            description=description,
+            halo=halo,
+            min_size=min_size,
+            step=step,
+            test_input=test_input,
+            training=info,
+        )
+    finally:
+        torch.set_num_threads(prev_threads)
+    status = check_package(pkg) if run_test else None
+    if log is not None and status is not None:
+        log(f"bioimageio.core test_model: {status}")
+    size_bytes = sum(f.stat().st_size for f in Path(pkg).rglob("*") if f.is_file())
+    return TrainResult(
+        package=Path(pkg),
+        n_pairs=len(pairs),
+        iterations=len(losses),
+        forest_seconds=t_forest,
+        train_seconds=t_train,
+        final_loss=info["final_loss"],
+        n_parameters=n_params,
+        package_bytes=size_bytes,
+        test_status=status,
+        losses=losses,
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+def read_stack(spec: str, slices: str | None = None) -> np.ndarray:
+    """Read ``PATH:DATASET`` from an HDF5 file (optionally only z ``slices`` ``"a-b"`` or ``"a,b,c"``).
+
+    Parameters
+    ----------
+    spec : str
+        ``path/to/file.h5:dataset``.
+    slices : str, optional
+        Inclusive range ``"0-19"`` or a comma list of z indices.
+
+    Returns
+    -------
+    ndarray
+        The dataset (z slices selected along axis 0).
+    """
+    import h5py
+
+    if ":" not in spec:
+        raise ValueError(f"expected PATH:DATASET, got {spec!r}")
+    path, key = spec.rsplit(":", 1)
+    with h5py.File(path, "r") as f:
+        ds = f[key]
+        if slices is None:
+            return ds[...]
+        return ds[_parse_slices(slices)]
+
+
+def _parse_slices(text: str) -> list[int]:
+    idx: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = part.split("-", 1)
+            idx.extend(range(int(a), int(b) + 1))
+        elif part:
+            idx.append(int(part))
+    return sorted(set(idx))
+
+
+def cmd_train_enhancer(args: argparse.Namespace) -> int:
+    """Body of ``tda train-enhancer``; returns the exit code."""
+    raw = read_stack(args.images, args.slices)
+    gt = read_stack(args.ground_truth, args.slices)
+    name = args.name or f"shallow2deep enhancer {Path(args.out).name}"
+    res = train_enhancer(
+        [raw],
+        [gt],
+        args.out,
+        name=name,
+        description=args.description or f"shallow2deep enhancer trained on {args.ground_truth}",
+        n_forests=args.forests,
+        iterations=args.iterations,
+        seed=args.seed,
+        depth=args.depth,
+        width=args.width,
+        time_limit_s=args.time_limit,
+        checkpoint=args.checkpoint,
+        threads=args.threads,
+        run_test=not args.no_test,
+        training_info={"images": args.images, "ground_truth": args.ground_truth, "slices": args.slices},
+    )
+    summary = {k: v for k, v in res.__dict__.items() if k != "losses"}
+    summary["package"] = str(res.package)
+    print(json.dumps(summary, indent=2))
+    return 0 if res.test_status in (None, "passed", "valid-format") else 1
+
+
+def add_train_enhancer_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``train-enhancer`` sub-command on an ``argparse`` sub-parser set.
+
+    Parameters
+    ----------
+    subparsers
+        The object returned by ``ArgumentParser.add_subparsers()``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The new sub-parser (its ``func`` default is :func:`cmd_train_enhancer`).
+    """
+    p = subparsers.add_parser(
+        "train-enhancer", help="train a shallow2deep enhancer U-Net and write a bioimage.io package"
+    )
+    p.add_argument("images", help="raw images, PATH:DATASET (HDF5, zyx or yx)")
+    p.add_argument("ground_truth", help="binary ground truth, PATH:DATASET, same shape")
+    p.add_argument("--out", required=True, help="package folder to write")
+    p.add_argument("--slices", default=None, help="z slices to train on, e.g. 0-19 (default all)")
+    p.add_argument("--forests", type=int, default=60, help="number of random forests (default 60)")
+    p.add_argument("--iterations", "--epochs", type=int, default=1500, help="U-Net optimiser steps (default 1500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--depth", type=int, default=3, help="U-Net depth (default 3)")
+    p.add_argument("--width", type=int, default=16, help="U-Net first-level channels (default 16)")
+    p.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
+    p.add_argument("--checkpoint", default=None, help="training checkpoint file")
+    p.add_argument("--threads", type=int, default=1, help="torch threads during training (default 1)")
+    p.add_argument("--name", default=None)
+    p.add_argument("--description", default=None)
+    p.add_argument("--no-test", action="store_true", help="skip bioimageio.core.test_model")
+    p.set_defaults(func=cmd_train_enhancer)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tda_graph.workflows.shallow2deep train-enhancer ...`` (same as ``tda train-enhancer``)."""
+    parser = argparse.ArgumentParser(prog="python -m tda_graph.workflows.shallow2deep")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_enhancer_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

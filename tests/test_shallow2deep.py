@@ -1,0 +1,186 @@
+"""Shallow2deep enhancer training, export and the bundled enhancer packages (fast, synthetic data)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("bioimageio.core")
+
+from operators.kernels.synthetic import em_like  # noqa: E402
+from tda_graph.models import bundled_enhancer, bundled_enhancers  # noqa: E402
+from tda_graph.workflows import shallow2deep as s2d  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[s2d.ForestPair]:
+    im = em_like((160, 160), seed=3)
+    return s2d.make_forest_predictions([im.raw], [im.mitochondria], 2, patch=64, crop=96, n_trees=5, seed=0)
+
+
+def test_forest_pairs_shapes_and_ranges(pairs: list[s2d.ForestPair]) -> None:
+    assert len(pairs) == 2
+    for p in pairs:
+        assert p.probability.shape == p.target.shape == (96, 96)
+        assert p.probability.dtype == np.float32
+        assert 0.0 <= p.probability.min() and p.probability.max() <= 1.0
+        assert set(np.unique(p.target)) <= {0.0, 1.0}
+        assert p.n_labels > 0
+    # the forests learnt something: foreground pixels get higher probability on average
+    fg = np.mean([p.probability[p.target > 0].mean() for p in pairs])
+    bg = np.mean([p.probability[p.target == 0].mean() for p in pairs])
+    assert fg > bg
+
+
+def test_forest_pairs_are_seeded() -> None:
+    im = em_like((128, 128), seed=4)
+    a = s2d.make_forest_predictions([im.raw], [im.mitochondria], 2, patch=48, crop=64, n_trees=3, seed=7)
+    b = s2d.make_forest_predictions([im.raw], [im.mitochondria], 2, patch=48, crop=64, n_trees=3, seed=7)
+    for x, y in zip(a, b):
+        assert x.source == y.source
+        np.testing.assert_array_equal(x.probability, y.probability)
+
+
+def _tiny_trained(pairs: list[s2d.ForestPair], seed: int) -> tuple[object, list[float]]:
+    torch.manual_seed(seed)
+    model = s2d.build_unet(depth=2, width=4)
+    losses = s2d.train_unet(model, pairs, iterations=2, batch_size=2, patch=64, seed=seed)
+    return model, losses
+
+
+def test_unet_training_is_deterministic(pairs: list[s2d.ForestPair], tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m1, l1 = _tiny_trained(pairs, seed=5)
+        m2, l2 = _tiny_trained(pairs, seed=5)
+        m3, _ = _tiny_trained(pairs, seed=6)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(l1) == 2 and l1 == l2
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert any(not torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m3.state_dict().values()))
+    x = torch.rand(1, 1, 64, 64)
+    y = m1(x)
+    assert y.shape == x.shape and float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+
+
+def test_checkpoint_written(pairs: list[s2d.ForestPair], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = s2d.build_unet(depth=2, width=4)
+    ckpt = tmp_path / "ckpt.pt"
+    s2d.train_unet(model, pairs, iterations=1, batch_size=1, patch=64, checkpoint=ckpt)
+    state = torch.load(ckpt)
+    assert state["iteration"] == 1 and len(state["losses"]) == 1
+
+
+def test_export_passes_bioimageio_test(pairs: list[s2d.ForestPair], tmp_path: Path) -> None:
+    from bioimageio.core import load_model_description
+    from bioimageio.spec.model import v0_5
+
+    torch.manual_seed(0)
+    model = s2d.build_unet(depth=2, width=4)
+    pkg = s2d.export_enhancer(
+        model,
+        tmp_path / "tiny",
+        name="tiny test enhancer",
+        description="a tiny enhancer for the tests",
+        halo=8,
+        min_size=32,
+        step=16,
+        test_input=pairs[0].probability[:96, :96],
+    )
+    assert (pkg / "bioimageio.yaml").is_file()
+    for f in ("README.md", "cover.png", "test_input.npy", "test_output.npy", "weights_torchscript.pt"):
+        assert (pkg / f).is_file(), f
+    descr = load_model_description(pkg / "bioimageio.yaml")
+    assert isinstance(descr, v0_5.ModelDescr)
+    assert str(descr.license) == "MIT"
+    assert any(c.doi is not None and str(c.doi) == "10.3389/fcomp.2022.805166" for c in descr.cite)
+    axes = descr.inputs[0].axes
+    assert [str(a.id) for a in axes] == ["batch", "channel", "y", "x"]
+    assert axes[2].size.min == 32 and axes[2].size.step == 16
+    assert descr.outputs[0].axes[2].halo == 8
+    # the traced weights reproduce the stored test output
+    ts = torch.jit.load(str(pkg / "weights_torchscript.pt"))
+    x = np.load(pkg / "test_input.npy")
+    np.testing.assert_allclose(ts(torch.from_numpy(x)).detach().numpy(), np.load(pkg / "test_output.npy"), atol=1e-5)
+    assert s2d.check_package(pkg) == "passed"
+
+
+def test_export_rejects_invalid_test_size(pairs: list[s2d.ForestPair], tmp_path: Path) -> None:
+    model = s2d.build_unet(depth=2, width=2)
+    with pytest.raises(ValueError, match="min_size"):
+        s2d.export_enhancer(
+            model,
+            tmp_path / "x",
+            name="bad size",
+            description="d",
+            halo=4,
+            min_size=32,
+            step=16,
+            test_input=np.zeros((40, 40)),
+        )
+
+
+def test_bundled_enhancers_load() -> None:
+    from bioimageio.core import load_model_description
+    from bioimageio.spec.model import v0_5
+
+    found = bundled_enhancers()
+    assert {"mitochondria_em2d", "membranes_em2d"} <= set(found)
+    for name, path in found.items():
+        assert bundled_enhancer(name) == path
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        assert size < 3 * 2**20, (name, size)
+        descr = load_model_description(path / "bioimageio.yaml")
+        assert isinstance(descr, v0_5.ModelDescr), name
+        ts = torch.jit.load(str(path / "weights_torchscript.pt"))
+        x = np.load(path / "test_input.npy")
+        np.testing.assert_allclose(
+            ts(torch.from_numpy(x)).detach().numpy(), np.load(path / "test_output.npy"), atol=1e-5
+        )
+
+
+def test_bundled_enhancer_unknown_name_lists_names() -> None:
+    with pytest.raises(KeyError, match="membranes_em2d"):
+        bundled_enhancer("nope")
+
+
+def test_cli_parser_registration() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    s2d.add_train_enhancer_parser(sub)
+    args = parser.parse_args(
+        ["train-enhancer", "a.h5:raw", "a.h5:gt", "--out", "o", "--epochs", "7", "--slices", "0-2"]
+    )
+    assert args.func is s2d.cmd_train_enhancer
+    assert args.iterations == 7 and args.width == 16 and args.depth == 3
+    assert s2d._parse_slices("0-2,5") == [0, 1, 2, 5]
+
+
+def test_train_enhancer_cli_end_to_end(tmp_path: Path) -> None:
+    import h5py
+
+    im = [em_like((128, 128), seed=s) for s in range(2)]
+    h5 = tmp_path / "syn.h5"
+    with h5py.File(h5, "w") as f:
+        f["raw"] = np.stack([i.raw for i in im])
+        f["gt"] = np.stack([i.membranes for i in im])
+    argv = ["train-enhancer", f"{h5}:raw", f"{h5}:gt", "--out", str(tmp_path / "pkg"), "--forests", "2"]
+    argv += ["--iterations", "2", "--depth", "2", "--width", "4", "--no-test"]
+    assert s2d.main(argv) == 0
+    assert (tmp_path / "pkg" / "bioimageio.yaml").is_file()
+
+
+def test_importing_does_not_import_torch() -> None:
+    code = "import sys, tda_graph, tda_graph.models, tda_graph.workflows.shallow2deep; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
