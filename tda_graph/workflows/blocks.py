@@ -29,7 +29,7 @@ import numpy as np
 
 from tda_graph import Roi
 
-from .headless import EXPORTS, BatchError, _blocks, _build, _Job, choose_block, parse_roi
+from .headless import EXPORTS, BatchError, _blocks, _build, _Job, choose_block, feature_halo, parse_roi
 from .project import load_project
 
 __all__ = ["BlockGrid", "block_grid", "clear_cache", "predict_block"]
@@ -74,8 +74,7 @@ class BlockGrid:
 
 
 def _halo(job: _Job) -> int:
-    """The halo ``predict_to_file`` assumes when it chooses a block size."""
-    return int(np.ceil(3.5 * max(s for _, s in job.wf.features.settings.selection))) + 2
+    return feature_halo(job.wf)
 
 
 def _key(

@@ -168,6 +168,11 @@ def parse_roi(text: str | None, shape: Sequence[int]) -> Roi:
     return Roi(tuple(start), tuple(stop))
 
 
+def feature_halo(wf: TrainableDomainAdaptation) -> int:
+    """Context the features read around a block: ceil(3.5·σ_max) plus the structure tensor's margin."""
+    return int(np.ceil(3.5 * max(s for _, s in wf.features.settings.selection))) + 2
+
+
 def choose_block(ndim: int, n_channels: int, halo: int, memory: int | None) -> tuple[int, ...]:
     """Largest block side (power of two ≤ 512 in 2D, ≤ 128 in 3D) whose working set fits ``memory``."""
     budget = memory if memory else 1 << 30
@@ -272,8 +277,7 @@ def predict_to_file(
     try:
         full = Roi.full(wf.raw.spec.spatial_shape)
         out_roi = parse_roi(roi, full.shape)
-        halo = int(np.ceil(3.5 * max(s for _, s in wf.features.settings.selection))) + 2
-        block = choose_block(len(full.shape), wf.features.spec.n_channels, halo, memory)
+        block = choose_block(len(full.shape), wf.features.spec.n_channels, feature_halo(wf), memory)
         if memory:
             wf.graph.set_cache_budget(max(memory // 4, 1 << 20))
         out_path, inner, kind = parse_image_spec(output_spec)
