@@ -149,7 +149,13 @@ class PixelClassifier(Operator):
         return (self.settings.row_block,) * len(self.spec.spatial_axes)
 
     # -- training -------------------------------------------------------------------------------
+    def _frozen(self) -> bool:
+        # "live update off": keep predicting with the current forest, train nothing
+        return self._graph is not None and self._forest is not None and self._graph.is_frozen(self)
+
     def prepare(self, context: PrepareContext) -> None:
+        if self._frozen():
+            return
         with self._train_lock:  # one training per version, however many requests arrive
             with self._state_lock:
                 if self._forest is not None and self._forest_token == self._token:
@@ -158,6 +164,8 @@ class PixelClassifier(Operator):
             self._train(context, token)
 
     def is_prepared(self) -> bool:
+        if self._frozen():
+            return True
         with self._state_lock:
             return self._forest is not None and self._forest_token == self._token
 

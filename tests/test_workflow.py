@@ -49,9 +49,16 @@ def test_workflow_subscribe_freeze_and_errors(em):
     assert len(events) == 1  # one batch of strokes, one event
     before = wf.request("segmentation")
     wf.freeze()
+    trainings = wf.probabilities.counters["trainings"]
     wf.paint(Roi((0, 0), (1, 40)), np.ones((1, 40), bool), 2)
     np.testing.assert_array_equal(wf.request("segmentation"), before)  # live update off
+    wf.graph.set_cache_budget(0)  # even blocks that must be computed again use the frozen forest
+    np.testing.assert_array_equal(wf.request("segmentation", Roi((0, 0), (64, 64))), before[:64, :64])
+    assert wf.probabilities.counters["trainings"] == trainings  # nothing trained while frozen
     wf.unfreeze()
+    wf.graph.set_cache_budget(1 << 30)
+    wf.request("segmentation")
+    assert wf.probabilities.counters["trainings"] == trainings + 1
     assert wf.request("probabilities").shape == (192, 192, 2)
     with pytest.raises(SettingsError, match="unknown output 'probs'; choose one of"):
         wf.output("probs")
