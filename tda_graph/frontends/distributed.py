@@ -32,6 +32,7 @@ from operators.file_sources import parse_image_spec
 
 from ..workflows.blocks import BlockGrid, block_grid, predict_block
 from ..workflows.headless import BatchError
+from .atomic import atomic_path
 
 __all__ = ["WORKER_OVERHEAD", "predict_distributed", "write_block"]
 
@@ -94,12 +95,8 @@ def _marker(done: Path, idx: tuple[int, ...]) -> Path:
 
 
 def _touch_atomic(path: Path, text: str = "") -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _prepare_output(

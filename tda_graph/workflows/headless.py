@@ -23,6 +23,7 @@ import numpy as np
 from operators import ClassifierNotReady
 from operators.file_sources import open_image, parse_image_spec
 from tda_graph import Operator, Roi, TdaError
+from tda_graph.frontends.atomic import atomic_path
 
 from .pixel_classification import TrainableDomainAdaptation
 from .project import EnhancerRef, ProjectState, load_project, save_project
@@ -241,12 +242,8 @@ def _blocks(roi: Roi, block: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...],
 
 
 def _save_npy_atomic(path: Path, data: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def predict_to_file(
@@ -294,9 +291,8 @@ def predict_to_file(
             shutil.rmtree(partial)  # a different job left these blocks: start over
         partial.mkdir(parents=True, exist_ok=True)
         if not meta_file.exists():
-            tmp = meta_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, meta_file)
+            with atomic_path(meta_file) as tmp:
+                tmp.write_text(json.dumps(meta))
         blocks = list(_blocks(out_roi, block))
         done = computed = 0
         for idx, r in blocks:

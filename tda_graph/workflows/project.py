@@ -307,6 +307,15 @@ def save_project(path: str | os.PathLike[str], state: ProjectState) -> None:
             f.flush()
 
 
+def _write_path(g: h5py.Group, path: str, project_dir: Path) -> None:
+    """Store ``path`` absolute and, when possible, relative to the project folder."""
+    absolute = str(Path(path).resolve())
+    g.attrs["path_absolute"] = absolute
+    rel = _relative(absolute, project_dir)
+    if rel is not None:
+        g.attrs["path_relative"] = rel
+
+
 def _write(f: h5py.File, state: ProjectState, project_dir: Path) -> None:
     from tda_graph import __version__
 
@@ -315,11 +324,7 @@ def _write(f: h5py.File, state: ProjectState, project_dir: Path) -> None:
     f.attrs["writer"] = f"tda-graph {__version__}"
     g = f.create_group("input")
     if state.input_path is not None:
-        absolute = str(Path(state.input_path).resolve())
-        g.attrs["path_absolute"] = absolute
-        rel = _relative(absolute, project_dir)
-        if rel is not None:
-            g.attrs["path_relative"] = rel
+        _write_path(g, state.input_path, project_dir)
     if state.input_inner_path is not None:
         g.attrs["inner_path"] = state.input_inner_path
     if state.axes is not None:
@@ -340,11 +345,7 @@ def _write(f: h5py.File, state: ProjectState, project_dir: Path) -> None:
         if e.name is not None:
             g.attrs["name"] = e.name
         if e.path is not None:
-            absolute = str(Path(e.path).resolve())
-            g.attrs["path_absolute"] = absolute
-            rel = _relative(absolute, project_dir)
-            if rel is not None:
-                g.attrs["path_relative"] = rel
+            _write_path(g, e.path, project_dir)
         if e.sha256 is not None:
             g.attrs["sha256"] = e.sha256
 
