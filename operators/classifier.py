@@ -22,7 +22,7 @@ import numpy as np
 from tda_graph import ArraySpec, InputSlot, Operator, PrepareContext, Roi, SettingsError, SpecError, TdaError, Window
 from tda_graph.roi import block_roi
 
-from .kernels import forest_cpu
+from .kernels import forest_cpu, forest_train
 
 __all__ = ["PixelClassifier", "ClassifierNotReady", "Segmentation", "Uncertainty"]
 
@@ -101,7 +101,12 @@ class PixelClassifier(Operator):
                 f"labels {lab.describe()} do not match the features' spatial shape {spatial} ({f.spatial_axes})"
             )
         names = self.settings.class_names
-        return ArraySpec(spatial + (len(names),), np.float32, f.spatial_axes + "c", names)
+        # Pixel-wise, no halo: small 3D blocks waste less when a viewport is not
+        # aligned to the grid (64³ blocks made an unaligned 128³ view predict 3.4x its
+        # voxels; 32³ at most ~2x), at a per-block cost that stays negligible.
+        side = 256 if len(spatial) == 2 else 32
+        block = tuple(min(n, side) for n in spatial) + (len(names),)
+        return ArraySpec(spatial + (len(names),), np.float32, f.spatial_axes + "c", names, block_shape=block)
 
     def input_roi(self, name: str, roi: Roi, out_spec: ArraySpec, in_spec: ArraySpec) -> Roi:
         if name == "labels":  # global input: compute() does not read it
@@ -251,17 +256,20 @@ class PixelClassifier(Operator):
 
 
 def train_forest(X: np.ndarray, y: np.ndarray, settings: ClassifierSettings) -> forest_cpu.ForestArrays:
-    """Fit sklearn's RandomForestClassifier and convert it to plain arrays."""
-    from sklearn.ensemble import RandomForestClassifier
+    """Fit a forest identical to sklearn's ``RandomForestClassifier`` and return its arrays.
 
-    clf = RandomForestClassifier(
-        n_estimators=int(settings.n_trees),
+    Uses :func:`~operators.kernels.forest_train.fit_random_forest` (sklearn's own tree
+    builder without the estimator's per-tree Python overhead; falls back to the
+    public estimator if its private API is unavailable).
+    """
+    return forest_train.fit_random_forest(
+        X,
+        y,
+        n_trees=int(settings.n_trees),
         max_depth=settings.max_depth,
-        random_state=settings.seed,
+        seed=settings.seed,
         n_jobs=settings.n_jobs,
     )
-    clf.fit(X, y)
-    return forest_cpu.forest_arrays_from_sklearn(clf)
 
 
 class Segmentation(Operator):

@@ -27,6 +27,7 @@ __all__ = [
     "ForestArrays",
     "FORMAT_VERSION",
     "forest_arrays_from_sklearn",
+    "forest_arrays_from_trees",
     "round_threshold_down",
     "predict_proba",
     "predict_proba_image",
@@ -293,11 +294,7 @@ def forest_arrays_from_sklearn(clf: Any) -> ForestArrays:
         raise ValueError("forest has no trees")
     classes = np.asarray(clf.classes_)
     n_classes = int(classes.shape[0])
-    n_features = int(clf.n_features_in_)
-
-    feats, thrs, lefts, rights, mgls, leaves = [], [], [], [], [], []
-    node_offsets = [0]
-    leaf_offsets = [0]
+    trees = []
     for k, est in enumerate(estimators):
         tree = getattr(est, "tree_", None)
         if tree is None:
@@ -312,6 +309,36 @@ def forest_arrays_from_sklearn(clf: Any) -> ForestArrays:
             raise ValueError(
                 f"tree {k} has classes {est.classes_!r}, expected the forest's encoded classes 0..{n_classes - 1}"
             )
+        trees.append(tree)
+    return forest_arrays_from_trees(trees, classes, int(clf.n_features_in_))
+
+
+def forest_arrays_from_trees(trees: Any, classes: np.ndarray, n_features: int) -> ForestArrays:
+    """Flatten fitted sklearn ``Tree`` objects (``estimator.tree_``) into :class:`ForestArrays`.
+
+    Parameters
+    ----------
+    trees : sequence of sklearn.tree._tree.Tree
+        Single-output classification trees over the encoded classes ``0..K-1``.
+    classes : ndarray, shape (K,)
+        Class labels in output column order.
+    n_features : int
+        Number of input features.
+
+    Returns
+    -------
+    ForestArrays
+    """
+    classes = np.asarray(classes)
+    n_classes = int(classes.shape[0])
+    if len(trees) == 0:
+        raise ValueError("forest has no trees")
+    feats, thrs, lefts, rights, mgls, leaves = [], [], [], [], [], []
+    node_offsets = [0]
+    leaf_offsets = [0]
+    for k, tree in enumerate(trees):
+        if tree.value.shape[1] != 1 or tree.value.shape[2] < n_classes:
+            raise ValueError(f"tree {k} has value shape {tree.value.shape}, expected (nodes, 1, {n_classes})")
         cl = tree.children_left
         cr = tree.children_right
         is_leaf = cl == -1
@@ -349,7 +376,7 @@ def forest_arrays_from_sklearn(clf: Any) -> ForestArrays:
         node_offsets=np.asarray(node_offsets, dtype=np.int64),
         leaf_offsets=np.asarray(leaf_offsets, dtype=np.int64),
         classes=classes,
-        n_features=n_features,
+        n_features=int(n_features),
     )
 
 
