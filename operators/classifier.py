@@ -104,8 +104,15 @@ class PixelClassifier(Operator):
         # Pixel-wise, no halo: small 3D blocks waste less when a viewport is not
         # aligned to the grid (64³ blocks made an unaligned 128³ view predict 3.4x its
         # voxels; 32³ at most ~2x), at a per-block cost that stays negligible.
-        side = 256 if len(spatial) == 2 else 32
-        block = tuple(min(n, side) for n in spatial) + (len(names),)
+        # Features computed per slice (a feature block one slice deep) stay 2D work.
+        fb = f.block_shape[:-1] if f.block_shape is not None else None
+        if len(spatial) == 2:
+            block = tuple(min(n, 256) for n in spatial)
+        elif fb is not None and 1 in fb:
+            block = tuple(1 if b == 1 else min(n, 128) for b, n in zip(fb, spatial))
+        else:
+            block = tuple(min(n, 32) for n in spatial)
+        block = block + (len(names),)
         return ArraySpec(spatial + (len(names),), np.float32, f.spatial_axes + "c", names, block_shape=block)
 
     def input_roi(self, name: str, roi: Roi, out_spec: ArraySpec, in_spec: ArraySpec) -> Roi:

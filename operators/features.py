@@ -128,7 +128,8 @@ class FeatureFilters(Operator):
         n_in = img.n_channels
         names = ft.channel_names(s.selection, nd, s.in_2d, n_in, img.channel_names if "c" in img.axes else None)
         axes = img.spatial_axes + "c"
-        side = 256 if nd == 2 else (64 if self.halo_size <= 16 else 128)
+        # per-slice features (in_2d) are 2D work: 256² tiles, one slice deep
+        side = 256 if (nd == 2 or s.in_2d) else (64 if self.halo_size <= 16 else 128)
         block = tuple(min(n, 1 if (s.in_2d and a == "z") else side) for a, n in zip(img.spatial_axes, spatial))
         return ArraySpec(spatial + (len(names),), np.float32, axes, names, block_shape=block + (len(names),))
 

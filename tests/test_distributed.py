@@ -26,7 +26,7 @@ from tda_graph.workflows.blocks import block_grid, predict_block  # noqa: E402
 from tda_graph.workflows.headless import BatchError, predict_to_file, train_project  # noqa: E402
 from tda_graph.workflows.strokes import simulate_strokes  # noqa: E402
 
-MEMORY = 250_000_000  # 32-voxel blocks: 1 x 6 x 6 blocks of the 4 x 192 x 192 volume
+MEMORY = 12_000_000  # per-slice features: 2 x 64 x 64 blocks, 2 x 3 x 3 of the 4 x 192 x 192 volume
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_block_grid_and_predict_block_match_predict_to_file(data):
     d, proj, refs = data
     grid = block_grid(proj, str(d / "img.zarr"), "probabilities", None, MEMORY)
     assert grid.shape == refs["probabilities"].shape and grid.dtype == refs["probabilities"].dtype
-    assert len(grid.blocks) == 36 and grid.chunks == (4, 32, 32, 2)
+    assert len(grid.blocks) == 18 and grid.chunks == (2, 64, 64, 2)
     _, r = grid.blocks[7]
     got = predict_block(proj, str(d / "img.zarr"), "probabilities", r, threads=1)
     np.testing.assert_array_equal(got, refs["probabilities"][r.to_slices()])
@@ -85,7 +85,7 @@ def test_two_workers_give_identical_output(data, cluster):
     r = predict_distributed(
         proj, str(d / "img.zarr"), str(d / "a.zarr"), "probabilities", scheduler=addr, memory=MEMORY, progress=False
     )
-    assert r == {"blocks": 36, "computed": 36, "skipped": 0, "finished": True, "shape": (4, 192, 192, 2)}
+    assert r == {"blocks": 18, "computed": 18, "skipped": 0, "finished": True, "shape": (4, 192, 192, 2)}
     np.testing.assert_array_equal(read(d / "a.zarr"), refs["probabilities"])
     assert not (d / "a.zarr.tda-done").exists()
     argv = ["predict", "--project", str(proj), "--input", str(d / "img.zarr"), "--output", str(d / "s.zarr")]
@@ -132,8 +132,8 @@ def test_killed_worker_run_still_completes_identically(data, cluster):
     finally:
         t.join()
         client.restart()  # fresh workers, no slow-down
-    assert seen and seen[0] < 36  # the worker died mid-run
-    assert r["finished"] and r["computed"] == 36
+    assert seen and seen[0] < 18  # the worker died mid-run
+    assert r["finished"] and r["computed"] == 18
     np.testing.assert_array_equal(read(d / "k.zarr"), refs["probabilities"])
 
 
@@ -158,7 +158,7 @@ def test_restart_after_killed_client_computes_only_missing_blocks(data, cluster)
     assert len(chunks) == 7
     time.sleep(0.05)
     rerun = predict_distributed(proj, inp, out, scheduler=cluster[0].scheduler_address, memory=MEMORY, progress=False)
-    assert rerun["skipped"] == 5 and rerun["computed"] == 31
+    assert rerun["skipped"] == 5 and rerun["computed"] == 13
     np.testing.assert_array_equal(read(out), refs["probabilities"])
     changed = sorted(p for p, t in chunks.items() if p.stat().st_mtime_ns != t)
     assert len(changed) == 2  # only the unmarked chunks were written again

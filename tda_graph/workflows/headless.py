@@ -174,10 +174,23 @@ def feature_halo(wf: TrainableDomainAdaptation) -> int:
     return int(np.ceil(3.5 * max(s for _, s in wf.features.settings.selection))) + 2
 
 
-def choose_block(ndim: int, n_channels: int, halo: int, memory: int | None) -> tuple[int, ...]:
-    """Largest block side (power of two ≤ 512 in 2D, ≤ 128 in 3D) whose working set fits ``memory``."""
+def choose_block(ndim: int, n_channels: int, halo: int, memory: int | None, *, in_2d: bool = False) -> tuple[int, ...]:
+    """Largest block whose working set fits ``memory``.
+
+    2D: a square side, power of two ≤ 512. 3D: a cube side ≤ 128. 3D with features
+    computed per slice (``in_2d``): a side ≤ 256 in y and x, which the per-slice feature
+    blocks (256²) tile exactly, so no two batch blocks compute the same feature block
+    (WHY: with cubic 128³ blocks, neighbouring blocks on different workers both computed
+    the 256² feature tiles they share); z as deep as memory allows, at most 128³ voxels.
+    """
     budget = memory if memory else 1 << 30
     per_voxel = (n_channels + 8) * 4 * 3  # features + temporaries + probabilities, with slack
+    if in_2d and ndim == 3:
+        for s in (256, 128, 64, 32, 16):
+            plane = (s + 2 * halo) ** 2 * per_voxel
+            if plane <= budget:
+                return (max(1, min(budget // plane, 128**3 // s**2)), s, s)
+        raise BatchError(f"--memory {budget} bytes is too small for even 16x16-pixel blocks; allow more memory")
     sides = (512, 256, 128, 64, 32) if ndim == 2 else (128, 96, 64, 48, 32, 16)
     for s in sides:
         if (s + 2 * halo) ** ndim * per_voxel <= budget:
@@ -274,7 +287,13 @@ def predict_to_file(
     try:
         full = Roi.full(wf.raw.spec.spatial_shape)
         out_roi = parse_roi(roi, full.shape)
-        block = choose_block(len(full.shape), wf.features.spec.n_channels, feature_halo(wf), memory)
+        block = choose_block(
+            len(full.shape),
+            wf.features.spec.n_channels,
+            feature_halo(wf),
+            memory,
+            in_2d=wf.features.settings.in_2d,
+        )
         if memory:
             wf.graph.set_cache_budget(max(memory // 4, 1 << 20))
         out_path, inner, kind = parse_image_spec(output_spec)
