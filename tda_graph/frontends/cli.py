@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tda_graph import Roi, TdaError
+from tda_graph import Roi, SettingsError, TdaError
 
 from .atomic import atomic_path
 
@@ -261,6 +261,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    known = ("features", "forest", "live")
+    only = tuple(x.strip() for x in args.only.split(",") if x.strip())
+    bad = [x for x in only if x not in known]
+    if bad or not only:
+        raise SettingsError(f"--only {args.only!r}: choose from {', '.join(known)} (comma-separated)")
+    if args.trees < 1:
+        raise SettingsError(f"--trees must be >= 1, got {args.trees}")
+    run_bench(quick=args.quick, trees=args.trees, only=only, json_path=args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tda", description="tda-graph: trainable domain adaptation engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -328,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list bundled and cached enhancer models; check a local package")
     m.add_argument("--add", default=None, help="a model package folder or .zip to check (it is used in place)")
     m.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="measure feature, forest and live-update speed on this machine (generated data)")
+    b.add_argument("--quick", action="store_true", help="small sizes: a few seconds")
+    b.add_argument("--trees", type=int, default=100, help="forest size (default: %(default)s)")
+    b.add_argument(
+        "--only", default="features,forest,live", help="comma-separated subset of features,forest,live (default: all)"
+    )
+    b.add_argument("--json", default=None, help="also write the results to this JSON file")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
