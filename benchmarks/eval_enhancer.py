@@ -148,8 +148,12 @@ def _strokes_labels(mask: np.ndarray, seed: int, fraction: float = 0.001) -> np.
     return labels
 
 
-def evaluate(data: Path, quick: bool = False, n_trees: int = 50) -> list[dict[str, object]]:
-    """Run every available dataset; return one result row per dataset."""
+def evaluate(data: Path, quick: bool = False, n_trees: int = 50, models: Path | None = None) -> list[dict[str, object]]:
+    """Run every available dataset; return one result row per dataset.
+
+    ``models``: a folder with ``mitochondria_em2d/`` and ``membranes_em2d/`` packages to
+    evaluate instead of the bundled ones (e.g. a retrained candidate).
+    """
     import torch
 
     torch.set_num_threads(1)
@@ -157,7 +161,7 @@ def evaluate(data: Path, quick: bool = False, n_trees: int = 50) -> list[dict[st
     rows: list[dict[str, object]] = []
     for name, dname, domain, raws, masks in datasets(data, quick):
         if name not in enhancers:
-            enhancers[name] = TorchscriptEnhancer(bundled_enhancer(name))
+            enhancers[name] = TorchscriptEnhancer(models / name if models is not None else bundled_enhancer(name))
         enh = enhancers[name]
         counts = {"forest": np.zeros(3), "enhanced": np.zeros(3)}  # intersection, |pred|, |gt|
         n_labels = 0
@@ -213,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     p.add_argument("--quick", action="store_true", help="fewer slices")
     p.add_argument("--trees", type=int, default=50)
+    p.add_argument("--models", type=Path, default=None, help="folder of candidate packages (default: bundled)")
     args = p.parse_args(argv)
-    rows = evaluate(args.data, quick=args.quick, n_trees=args.trees)
+    rows = evaluate(args.data, quick=args.quick, n_trees=args.trees, models=args.models)
     print()
     print(markdown(rows))
     if args.out is not None:

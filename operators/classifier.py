@@ -19,12 +19,27 @@ from typing import Any
 
 import numpy as np
 
-from tda_graph import ArraySpec, InputSlot, Operator, PrepareContext, Roi, SettingsError, SpecError, TdaError, Window
+from tda_graph import (
+    ArraySpec,
+    InputSlot,
+    Operator,
+    PrepareContext,
+    Roi,
+    RoiError,
+    SettingsError,
+    SpecError,
+    TdaError,
+    Window,
+)
 from tda_graph.roi import block_roi
 
 from .kernels import forest_cpu, forest_train
 
 __all__ = ["PixelClassifier", "ClassifierNotReady", "Segmentation", "Uncertainty"]
+
+
+#: Times a training gathers its rows again when the feature selection changes meanwhile.
+_GATHER_ROUNDS = 5
 
 
 class ClassifierNotReady(TdaError):
@@ -197,6 +212,22 @@ class PixelClassifier(Operator):
         return out
 
     def _train(self, context: PrepareContext, token: int) -> None:
+        # A feature-selection change while rows are gathered leaves rows of two widths;
+        # their blocks are already marked stale again, so gathering once more fixes it.
+        for _ in range(_GATHER_ROUNDS):
+            if self._train_once(context, token):
+                return
+            with self._state_lock:
+                token = self._token
+        raise ClassifierNotReady(
+            "the feature selection kept changing while the forest trained; request again once it settles"
+        )
+
+    def _changed_since(self, token: int) -> bool:
+        with self._state_lock:
+            return self._token != token
+
+    def _train_once(self, context: PrepareContext, token: int) -> bool:
         t0 = time.perf_counter()
         ups = self.graph.inputs_of(self)
         feats_node, labels_node = ups["features"], ups["labels"]
@@ -209,16 +240,24 @@ class PixelClassifier(Operator):
             for idx in set(self._rows) - wanted:
                 self._rows.pop(idx, None)
         rebuilt = 0
-        for idx in sorted(stale):
-            broi = block_roi(idx, grid, shape)
-            lab = context.request(labels_node, broi)
-            mask = lab > 0
-            if not mask.any():
-                self._rows[idx] = None
-                continue
-            f = context.request(feats_node, Roi(broi.start + (0,), broi.stop + (feats_node.spec.n_channels,)))
-            self._rows[idx] = _Rows(np.ascontiguousarray(f[mask], np.float32), lab[mask].astype(np.int32))
-            rebuilt += 1
+        todo = sorted(stale)
+        for k, idx in enumerate(todo):
+            try:
+                broi = block_roi(idx, grid, shape)
+                lab = context.request(labels_node, broi)
+                mask = lab > 0
+                if not mask.any():
+                    self._rows[idx] = None
+                    continue
+                f = context.request(feats_node, Roi(broi.start + (0,), broi.stop + (feats_node.spec.n_channels,)))
+                self._rows[idx] = _Rows(np.ascontiguousarray(f[mask], np.float32), lab[mask].astype(np.int32))
+                rebuilt += 1
+            except BaseException as e:
+                with self._state_lock:  # keep the blocks not rebuilt for the next training
+                    self._stale_rows.update(todo[k:])
+                if isinstance(e, (RoiError, SpecError)) and self._changed_since(token):
+                    return False  # the feature spec changed between reading and requesting it
+                raise
         # sorted: the training set (and so the forest) depends only on the labels, not on edit history
         parts = [self._rows[k] for k in sorted(self._rows) if self._rows[k] is not None]
         classes = np.unique(np.concatenate([p.y for p in parts])) if parts else np.zeros(0, np.int32)
@@ -236,6 +275,8 @@ class PixelClassifier(Operator):
                 f"need at least two classes labelled to train the forest (labelled so far: {found}); "
                 "paint at least one stroke of a second class"
             )
+        if len({p.X.shape[1] for p in parts}) > 1:
+            return False  # the features changed under us (see _train)
         X = np.concatenate([p.X for p in parts])
         y = np.concatenate([p.y for p in parts])
         forest = train_forest(X, y, self.settings)
@@ -246,6 +287,7 @@ class PixelClassifier(Operator):
         self.counters["row_blocks_rebuilt"] += rebuilt
         self.counters["training_samples"] = int(y.size)
         self.counters["training_seconds"] += time.perf_counter() - t0
+        return True
 
     # -- prediction --------------------------------------------------------------------------------
     def compute(self, roi: Roi, inputs: Mapping[str, Window]) -> np.ndarray:

@@ -33,14 +33,25 @@ image's. :class:`Enhancer` offers both behaviours (setting ``statistics``):
     dependency: any change dirties the whole output. Models whose
     postprocessing needs sample statistics, or that need dataset statistics,
     are rejected in this mode.
+
+Trust
+-----
+Only ``torchscript`` and ``onnx`` weights are used unless ``allow_code=True``
+is given: ``pytorch_state_dict`` weights import Python code shipped in the
+package (and the TensorFlow / Keras formats can run code too). Downloads are
+verified against the sha256 hashes the package declares before they enter the
+cache. See ``docs/safety.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
+import posixpath
 import re
+import tempfile
 import threading
 import warnings
 import zipfile
@@ -83,10 +94,131 @@ def _cache_name(source: str) -> str:
     return f"{slug}-{hashlib.sha256(source.encode()).hexdigest()[:10]}.zip"
 
 
-def _fetch_to_cache(source: str, cache_dir: Path, offline: bool) -> Path:
-    """A cached package for zoo id or URL ``source``, downloading it when needed."""
+#: Weights formats that run no Python code from the package (loaded without ``allow_code``), in order of preference.
+SAFE_WEIGHTS = ("torchscript", "onnx")
+#: Every weights format this module knows, in the order tried: safe formats first, so that a package with
+#: torchscript *and* ``pytorch_state_dict`` weights never runs its architecture code.
+WEIGHTS_ORDER = (
+    *SAFE_WEIGHTS,
+    "pytorch_state_dict",
+    "tensorflow_saved_model_bundle",
+    "keras_v3",
+    "keras_hdf5",
+)
+
+
+def _download_package(source: str, dest: Path) -> None:
+    """Download zoo id or URL ``source`` as a package zip to ``dest`` (bioimageio.spec; network)."""
+    from bioimageio.spec import save_bioimageio_package
+
+    save_bioimageio_package(source, output_path=dest)
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 digest of a file's contents."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe_yaml(text: str) -> Any:
+    try:
+        import yaml
+
+        return yaml.safe_load(text)
+    except ImportError:  # bioimageio.spec brings ruyaml
+        from ruyaml import YAML
+
+        return YAML(typ="safe", pure=True).load(text)
+
+
+def _declared_files(description: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:
+    """``(what, source, sha256)`` of every weights file (and architecture source) a raw description declares."""
+    out: list[tuple[str, str, str | None]] = []
+    weights = description.get("weights") if isinstance(description, Mapping) else None
+    if not isinstance(weights, Mapping) or not weights:
+        raise ModelError("the package description declares no weights")
+    for fmt, entry in weights.items():
+        if not isinstance(entry, Mapping):
+            continue
+        if "source" in entry:
+            out.append((f"{fmt} weights", str(entry["source"]), entry.get("sha256")))
+        arch = entry.get("architecture")
+        if isinstance(arch, Mapping) and "source" in arch:
+            out.append((f"{fmt} architecture source", str(arch["source"]), arch.get("sha256")))
+    return out
+
+
+def verify_package_zip(path: str | os.PathLike[str], *, source: str, sha256: str | None = None) -> None:
+    """Check a downloaded package zip against the hashes it declares (and ``sha256`` of the zip itself).
+
+    Every weights file (and the architecture source of ``pytorch_state_dict``
+    weights) listed under ``weights`` in the package's ``bioimageio.yaml`` /
+    ``rdf.yaml`` must be inside the zip and match its declared ``sha256``.
+
+    Raises
+    ------
+    ModelError
+        Naming the file, the expected and the actual hash, on any mismatch; or
+        when a file is missing or declares no hash.
+    """
+    path = Path(path)
+    if sha256 is not None:
+        actual = sha256_of(path)
+        if actual != sha256.lower():
+            raise ModelError(
+                f"downloaded package of model {source!r} does not match its sha256: expected {sha256.lower()}, "
+                f"got {actual}; the download was corrupted or tampered with, it was deleted"
+            )
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"downloaded package of model {source!r} is not a valid zip file; it was deleted")
+    check_zip_package(path)
+    with zipfile.ZipFile(path) as zf:
+        names = {posixpath.normpath(n): n for n in zf.namelist()}
+        rdf = next((names[n] for n in ("bioimageio.yaml", "rdf.yaml") if n in names), None)
+        if rdf is None:
+            raise ModelError(f"downloaded package of model {source!r} has no bioimageio.yaml; it was deleted")
+        try:
+            description = _safe_yaml(zf.read(rdf).decode("utf-8"))
+        except Exception as e:
+            raise ModelError(f"downloaded package of model {source!r}: unreadable {rdf} ({e}); it was deleted") from e
+        for what, src, expected in _declared_files(description):
+            if not expected:
+                raise ModelError(
+                    f"downloaded model {source!r}: its {what} {src!r} declares no sha256, so the download cannot be "
+                    "verified; it was deleted (download the package yourself and pass its local path)"
+                )
+            member = names.get(posixpath.normpath(src.replace("\\", "/")))
+            if member is None:
+                raise ModelError(f"downloaded package of model {source!r} lacks its {what} {src!r}; it was deleted")
+            h = hashlib.sha256()
+            with zf.open(member) as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            if h.hexdigest() != str(expected).lower():
+                raise ModelError(
+                    f"downloaded model {source!r}: {what} {src!r} does not match the sha256 its description declares "
+                    f"(expected {str(expected).lower()}, got {h.hexdigest()}); the download was corrupted or "
+                    "tampered with, it was deleted"
+                )
+
+
+def _fetch_to_cache(source: str, cache_dir: Path, offline: bool, sha256: str | None = None) -> Path:
+    """A cached package for zoo id or URL ``source``, downloading (and verifying) it when needed.
+
+    The download goes to a uniquely named temporary file in ``cache_dir``; it is
+    checked with :func:`verify_package_zip` and only then renamed to its cache
+    name, so a partial, corrupt or tampered download never lands in the cache.
+    """
     target = cache_dir / _cache_name(source)
     if target.is_file():
+        if sha256 is not None and sha256_of(target) != sha256.lower():
+            raise ModelError(
+                f"cached package {target} of model {source!r} does not match the sha256 given "
+                f"(expected {sha256.lower()}, got {sha256_of(target)}); delete it to download again"
+            )
         return target
     how = (
         f"download the model package (.zip) on a machine with network access (e.g. from https://bioimage.io) "
@@ -95,14 +227,22 @@ def _fetch_to_cache(source: str, cache_dir: Path, offline: bool) -> Path:
     if offline:
         raise ModelError(f"model {source!r} is not cached in {cache_dir} and downloads are disabled (offline); {how}")
     try:
-        from bioimageio.spec import save_bioimageio_package
-
         cache_dir.mkdir(parents=True, exist_ok=True)
-        part = target.with_suffix(".part.zip")
-        save_bioimageio_package(source, output_path=part)
-        part.replace(target)
-    except Exception as e:
-        raise ModelError(f"could not download model {source!r} ({type(e).__name__}: {e}); {how}") from e
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".part.zip", dir=cache_dir)
+        os.close(fd)
+    except OSError as e:
+        raise ModelError(f"cannot write to the model cache {cache_dir} ({e}); set $TDA_GRAPH_MODEL_CACHE") from e
+    part = Path(tmp_name)
+    try:
+        try:
+            _download_package(source, part)
+        except Exception as e:
+            raise ModelError(f"could not download model {source!r} ({type(e).__name__}: {e}); {how}") from e
+        verify_package_zip(part, source=source, sha256=sha256)
+        os.replace(part, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
     return target
 
 
@@ -151,6 +291,8 @@ def load_enhancer_model(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     offline: bool | None = None,
+    allow_code: bool = False,
+    sha256: str | None = None,
 ) -> EnhancerModel:
     """Load and digest a bioimage.io model for use by :class:`Enhancer`.
 
@@ -158,12 +300,22 @@ def load_enhancer_model(
     ----------
     source : str or path
         A model folder (containing ``bioimageio.yaml`` or ``rdf.yaml``), the yaml
-        file itself, a local ``.zip`` package, or a zoo id / URL.
+        file itself, a local ``.zip`` package, or a zoo id / URL that is
+        downloaded once (weights checked against their declared sha256).
     cache_dir : path, optional
         Where zoo ids and URLs are downloaded once (default
         :func:`default_model_cache`).
     offline : bool, optional
         Never download (default: ``$TDA_GRAPH_OFFLINE`` set to a non-empty value).
+    allow_code : bool
+        Allow weights that run Python code shipped in the package
+        (``pytorch_state_dict``: its architecture source is imported; also the
+        TensorFlow / Keras formats). Off by default: only ``torchscript`` and
+        ``onnx`` weights are used, and a package with no such weights is
+        refused. Only pass ``True`` for packages you trust.
+    sha256 : str, optional
+        Expected hex SHA-256 of the package ``.zip`` (a download, a cached
+        download or a local zip).
 
     Returns
     -------
@@ -173,11 +325,14 @@ def load_enhancer_model(
     ------
     ModelError
         If the file is missing, not a valid package, offline with an uncached
-        id, or the model does not fit tiled inference (unsupported axes, output
-        resampling, ...).
+        id, a download does not match its hashes, the package needs
+        ``allow_code``, or the model does not fit tiled inference (unsupported
+        axes, output resampling, ...).
     """
     src = os.fspath(source)
     path = Path(src).expanduser()
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise ModelError(f"sha256 must be 64 hex digits, got {sha256!r}")
     if path.exists():
         if path.is_dir():
             if not any((path / n).is_file() for n in ("bioimageio.yaml", "rdf.yaml")):
@@ -191,6 +346,10 @@ def load_enhancer_model(
                     f"{path} is not a valid zip file (truncated or corrupt download?); download the model package again"
                 )
             check_zip_package(path)
+        if sha256 is not None:
+            actual = sha256_of(path) if path.is_file() else None
+            if actual != sha256.lower():
+                raise ModelError(f"{path} does not match the sha256 given (expected {sha256.lower()}, got {actual})")
         local: Path = path
     elif _looks_local(src):
         raise ModelError(
@@ -200,14 +359,14 @@ def load_enhancer_model(
     else:
         if offline is None:
             offline = bool(os.environ.get("TDA_GRAPH_OFFLINE"))
-        local = _fetch_to_cache(src, Path(cache_dir) if cache_dir else default_model_cache(), offline)
+        local = _fetch_to_cache(src, Path(cache_dir) if cache_dir else default_model_cache(), offline, sha256)
     try:
         from bioimageio.core import load_model_description
 
         descr = load_model_description(local, format_version="latest")
     except Exception as e:
         raise ModelError(f"could not load a bioimage.io model from {local}: {type(e).__name__}: {e}") from e
-    return EnhancerModel(descr, source=str(local))
+    return EnhancerModel(descr, source=str(local), allow_code=allow_code)
 
 
 def _size_of(size: Any, what: str) -> tuple[int, int]:
@@ -239,9 +398,17 @@ class EnhancerModel:
         Per spatial axis: valid input sizes ``min + n * step`` and the output halo.
     channel_names : tuple of str
         Names of the output channels.
+    weights_formats : tuple of str
+        Weights formats the package declares.
+    usable_formats : tuple of str
+        Those this model may run, in the order tried: ``torchscript`` and
+        ``onnx``, then (only with ``allow_code``) formats that run code from
+        the package, such as ``pytorch_state_dict``.
+    allow_code : bool
+        Whether code-running weights formats may be used.
     """
 
-    def __init__(self, description: Any, *, source: str) -> None:
+    def __init__(self, description: Any, *, source: str, allow_code: bool = False) -> None:
         from bioimageio.spec.model import v0_5
 
         if not isinstance(description, v0_5.ModelDescr):
@@ -299,11 +466,14 @@ class EnhancerModel:
             else:
                 raise ModelError(f"model {self.name!r}: output axis {a.id!r} ({a.type}) is not supported")
         self.halo = tuple(halo[a] for a in self.axes)
-        self.weights_formats = tuple(
-            f
-            for f in ("pytorch_state_dict", "torchscript", "onnx", "tensorflow_saved_model_bundle", "keras_hdf5")
-            if getattr(description.weights, f, None) is not None
-        )
+        self.weights_formats = tuple(f for f in WEIGHTS_ORDER if getattr(description.weights, f, None) is not None)
+        self.allow_code = bool(allow_code)
+        self.usable_formats = tuple(f for f in self.weights_formats if allow_code or f in SAFE_WEIGHTS)
+        if not self.usable_formats:
+            raise ModelError(
+                f"model {self.name!r} has only {' and '.join(self.weights_formats) or 'no'} weights, which run "
+                "Python code from the package; pass allow_code=True (command line: --allow-code) if you trust it"
+            )
         self._lock = threading.Lock()
         self._run_lock = threading.Lock()  # one tile at a time per model (the backends use all cores)
         self._pipelines: dict[tuple[str, str, str | None], Any] = {}
@@ -365,8 +535,28 @@ class EnhancerModel:
         return dict(compute_sample_measures(pre, self._sample(image, {})))
 
     # -- prediction -------------------------------------------------------------------------
+    def check_weights_format(self, weights_format: str | None) -> None:
+        """Raise :class:`ModelError` unless ``weights_format`` (``None``: any) may be used with this model."""
+        if weights_format is None:
+            return
+        if weights_format not in self.weights_formats:
+            raise ModelError(
+                f"model {self.name!r} has no {weights_format!r} weights; it has {list(self.weights_formats)}"
+            )
+        if weights_format not in self.usable_formats:
+            raise ModelError(
+                f"model {self.name!r}: {weights_format} weights run Python code from the package; load it with "
+                "allow_code=True (command line: --allow-code) if you trust it"
+            )
+
     def pipeline(self, device: str = "cpu", statistics: str = "tile", weights_format: str | None = None) -> Any:
-        """The (shared, loaded) bioimageio.core prediction pipeline for these options."""
+        """The (shared, loaded) bioimageio.core prediction pipeline for these options.
+
+        ``weights_format=None`` tries :attr:`usable_formats` in order (torchscript
+        and onnx first), so code from the package runs only when ``allow_code``
+        was given and no safe format could be set up.
+        """
+        self.check_weights_format(weights_format)
         key = (device, statistics, weights_format)
         with self._lock:
             pp = self._pipelines.get(key)
@@ -380,17 +570,25 @@ class EnhancerModel:
                 # Present but dropped by bioimageio.core (sample scope): no per-tile statistics are
                 # computed, every tile's Sample carries the whole-image values instead.
                 fixed = {m: 0.0 for m in self.measures()[0]}
-            try:
-                pp = create_prediction_pipeline(
-                    self.description, devices=[device], weights_format=weights_format, fixed_dataset_statistics=fixed
-                )
-                pp.load()
-            except Exception as e:
+            errors: list[str] = []
+            first: Exception | None = None
+            for fmt in (weights_format,) if weights_format else self.usable_formats:
+                try:
+                    # always one explicit format: bioimageio.core's own default order tries
+                    # pytorch_state_dict (architecture code from the package) first
+                    pp = create_prediction_pipeline(
+                        self.description, devices=[device], weights_format=fmt, fixed_dataset_statistics=fixed
+                    )
+                    pp.load()
+                    break
+                except Exception as e:
+                    first = first or e
+                    errors.append(f"{fmt}: {type(e).__name__}: {e}")
+            else:
                 raise ModelError(
                     f"could not set up model {self.name!r} ({self.source}) on device {device!r} "
-                    f"(weights: {weights_format or 'any of ' + ', '.join(self.weights_formats)}): "
-                    f"{type(e).__name__}: {e}"
-                ) from e
+                    f"(weights tried: {'; '.join(errors)})"
+                ) from first
             self._pipelines[key] = pp
             return pp
 
@@ -473,6 +671,10 @@ class EnhancerSettings:
         a margin makes tiles agree with whole-image predictions more closely
         (keep ``halo + margin`` a multiple of the network's downsampling
         factor). The operator's halo is ``model halo + margin``.
+    allow_code : bool
+        Passed to :func:`load_enhancer_model` when ``model`` is a path or id:
+        allow weights that run Python code from the package
+        (``pytorch_state_dict``). Default ``False``.
     """
 
     model: Any = None
@@ -481,12 +683,13 @@ class EnhancerSettings:
     statistics: str = "tile"
     weights_format: str | None = None
     margin: int | tuple[int, ...] = 0
+    allow_code: bool = False
 
     def __post_init__(self) -> None:
         if self.model is None:
             raise SettingsError("Enhancer needs a model: Enhancer(model='path/to/model.zip' or an EnhancerModel)")
         if not isinstance(self.model, EnhancerModel):
-            object.__setattr__(self, "model", load_enhancer_model(self.model))
+            object.__setattr__(self, "model", load_enhancer_model(self.model, allow_code=bool(self.allow_code)))
         if not (isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device)):
             raise SettingsError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.statistics not in ("tile", "image"):
@@ -504,11 +707,10 @@ class EnhancerSettings:
         ):
             raise SettingsError(f"margin must be one integer >= 0 or one per model axis, got {self.margin!r}")
         object.__setattr__(self, "margin", margin)
-        if self.weights_format is not None and self.weights_format not in self.model.weights_formats:
-            raise SettingsError(
-                f"model {self.model.name!r} has no {self.weights_format!r} weights; "
-                f"it has {list(self.model.weights_formats)}"
-            )
+        try:
+            self.model.check_weights_format(self.weights_format)
+        except ModelError as e:
+            raise SettingsError(str(e)) from None
 
 
 def _resolve_device(device: str) -> str:

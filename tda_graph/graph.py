@@ -15,7 +15,7 @@ import networkx as nx
 import numpy as np
 
 from .cache import BlockCache, CacheManager
-from .errors import CycleError, GraphError, IncompatibleInputError, RequestCancelled, SpecError
+from .errors import CycleError, GraphError, IncompatibleInputError, RequestCancelled, SpecError, TdaError
 from .executor import Run
 from .listeners import DirtyEvent, ListenerList, Subscription
 from .operator import Operator, PrepareContext, dirty_output_roi
@@ -417,7 +417,9 @@ class Graph:
 
         The result equals computing the whole output and cropping. If an edit
         that changes this region lands while it is being computed, the request
-        runs again (up to ``max_retries`` times) so it answers with current data.
+        runs again (up to ``max_retries`` times) so it answers with current data;
+        that includes an error caused by such a change (a settings change that
+        alters an upstream spec mid-request), which is raised only if it persists.
         """
         return self._request(output, roi, max_retries, None)
 
@@ -452,7 +454,8 @@ class Graph:
         self._check_member(output, "request")
         r = self._as_roi(output, roi)
         result = None
-        for _attempt in range(max(0, max_retries) + 1):
+        attempts = max(0, max_retries) + 1
+        for attempt in range(attempts):
             watch = _Watch(r)
             with self._lock:
                 self._watches[output].append(watch)
@@ -462,6 +465,13 @@ class Graph:
                 p = plan(topo, output, r, _presence(caches))
                 run = Run(topo, p, caches, self._stats, self.pool, cancel, self._context)
                 result = run.execute()
+            except TdaError:
+                # A settings change under the request (e.g. a new feature selection with
+                # another channel count) can make the planned windows fail; the change
+                # dirtied the output, so plan again with the new specs.
+                if not watch.hit or attempt + 1 == attempts or (cancel is not None and cancel.is_set()):
+                    raise
+                continue
             finally:
                 with self._lock:
                     self._watches[output].remove(watch)

@@ -220,3 +220,34 @@ def test_stroke_between_training_and_claiming_retrains():
     clf.prepare = orig
     assert len(calls) == 2 and clf.counters["trainings"] == 2 and clf.state == "trained"
     np.testing.assert_array_equal(p, g.recompute(clf))
+
+
+def test_feature_selection_change_during_training_gathers_rows_again(monkeypatch):
+    # a selection change between two blocks' rows once mixed rows of two widths (a crash in _train)
+    import operators.classifier as oc
+    from operators import FeatureFilters
+
+    rng = np.random.default_rng(3)
+    img = rng.random((96, 160)).astype(np.float32)
+    img[:, 80:] += 1.0
+    g = Graph(workers=2)
+    src = g.add(ArraySource(img, axes="yx"))
+    feats = g.add(FeatureFilters({"GaussianSmoothing": [0.7, 1.6]}), image=src)
+    lab = g.add(LabelStore(img.shape, "yx", ("bg", "fg")))
+    clf = g.add(PixelClassifier(class_names=("bg", "fg"), n_trees=5, row_block=64), features=feats, labels=lab)
+    lab.paint(Roi((10, 10), (11, 30)), np.ones((1, 20), bool), 1)  # row block (0, 0)
+    lab.paint(Roi((10, 100), (11, 140)), np.ones((1, 40), bool), 2)  # row blocks (0, 1) and (0, 2)
+    calls = []
+    real = oc.block_roi
+
+    def switching_block_roi(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # after the first block's rows: the user picks another selection
+            g.configure(feats, selection={"GaussianSmoothing": [0.7, 1.6, 3.5], "LaplacianOfGaussian": [1.6]})
+        return real(*a, **k)
+
+    monkeypatch.setattr(oc, "block_roi", switching_block_roi)
+    out = g.request(clf, Roi((0, 0, 0), (96, 160, 2)))
+    assert clf.forest.n_features == feats.spec.n_channels == 4
+    assert out[5, 5, 0] > 0.5 and out[5, 150, 1] > 0.5
+    g.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -410,3 +411,271 @@ def test_unsafe_zip_packages_are_refused(tmp_path: Path, member: str, data: byte
         zf.writestr(member, data)
     with pytest.raises(ModelError, match=match):
         load_enhancer_model(p)
+
+
+# ------------------------------------------------------------------ packages that run Python code (allow_code)
+BUNDLED = Path(__file__).resolve().parents[1] / "tda_graph" / "models" / "enhancers" / "mitochondria_em2d"
+
+_ARCH = """import pathlib
+
+import torch
+
+pathlib.Path(MARKER).write_text("the architecture code ran")
+
+
+class Smooth(torch.nn.Module):
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        self.scale = scale
+
+    def forward(self, x):
+        return torch.sigmoid(self.scale * self.conv(x))
+"""
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _state_dict_package(tmp_path: Path, *, keep_torchscript: bool = False) -> tuple[Path, Path]:
+    """A copy of the bundled package with ``pytorch_state_dict`` weights (architecture in ``arch.py``).
+
+    Importing ``arch.py`` writes a marker file, so a test sees whether the package's code ran.
+    Returns the package folder and the marker path.
+    """
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("bioimageio.core")
+    d = tmp_path / ("torchscript_and_state_dict" if keep_torchscript else "state_dict_only")
+    marker = tmp_path / f"{d.name}.code-ran"
+    shutil.copytree(BUNDLED, d)
+    arch = _ARCH.replace("MARKER", repr(str(marker)))
+    (d / "arch.py").write_text(arch)
+    ns: dict = {}
+    exec(compile(arch.replace('.write_text("the architecture code ran")', ""), "arch", "exec"), ns)  # no marker
+    net = ns["Smooth"](2.0)
+    with torch.no_grad():
+        net.conv.weight[:] = 1 / 9
+    torch.save(net.state_dict(), d / "state.pt")
+    text = (BUNDLED / "bioimageio.yaml").read_text()
+    start, end = text.index("weights:"), text.index("config:")
+    weights = (
+        "weights:\n"
+        "  pytorch_state_dict:\n"
+        f"    source: state.pt\n    sha256: {_sha(d / 'state.pt')}\n"
+        f"    architecture:\n      source: arch.py\n      sha256: {_sha(d / 'arch.py')}\n"
+        "      callable: Smooth\n      kwargs: {scale: 2.0}\n"
+        "    pytorch_version: 2.13.0\n"
+    )
+    if keep_torchscript:
+        weights += text[start:end].split("\n", 1)[1]
+    else:
+        (d / "weights_torchscript.pt").unlink()
+    text = text[:start] + weights + text[end:]
+    (d / "bioimageio.yaml").write_text(text.replace("name: tda-graph mitochondria EM 2D enhancer", f"name: {d.name}"))
+    return d, marker
+
+
+def test_state_dict_package_needs_allow_code(tmp_path: Path) -> None:
+    pkg, marker = _state_dict_package(tmp_path)
+    msg = (
+        "model 'state_dict_only' has only pytorch_state_dict weights, which run Python code from the package; "
+        "pass allow_code=True"
+    )
+    with pytest.raises(ModelError, match=msg):
+        load_enhancer_model(pkg)
+    with pytest.raises(SettingsError, match="--allow-code"):
+        Enhancer(str(pkg))  # a path in the settings: same rule
+    assert not marker.exists(), "the package's code ran without allow_code"
+    # with the opt-in it loads and predicts (and the package's code does run)
+    model = load_enhancer_model(pkg, allow_code=True)
+    assert model.usable_formats == ("pytorch_state_dict",) and model.allow_code
+    g = Graph(workers=1)
+    x = np.random.default_rng(0).random((70, 90)).astype(np.float32)
+    src = g.add(ArraySource(x, "yx"))
+    enh = g.add(Enhancer(model, name="enh"), image=src)
+    out = g.request(enh)
+    assert marker.exists()
+    from scipy import ndimage
+
+    ref = 1 / (1 + np.exp(-2.0 * ndimage.uniform_filter(x, 3, mode="constant")))
+    np.testing.assert_allclose(out[1:-1, 1:-1, 0], ref[1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+
+
+def test_torchscript_is_preferred_over_state_dict(tmp_path: Path) -> None:
+    pkg, marker = _state_dict_package(tmp_path, keep_torchscript=True)
+    model = load_enhancer_model(pkg)  # torchscript present: no opt-in needed
+    assert model.usable_formats == ("torchscript",)
+    assert model.weights_formats == ("torchscript", "pytorch_state_dict")
+    with pytest.raises(SettingsError, match="pytorch_state_dict weights run Python code.*allow_code=True"):
+        Enhancer(model, weights_format="pytorch_state_dict")
+    trusted = load_enhancer_model(pkg, allow_code=True)
+    assert trusted.usable_formats == ("torchscript", "pytorch_state_dict")
+    x = np.random.default_rng(1).random((1, 64, 64)).astype(np.float32)
+    model.predict(x)
+    trusted.predict(x)
+    assert not marker.exists(), "the architecture code ran although torchscript weights were available"
+
+
+def test_third_party_package_declares_safe_weights(shared_models: Path) -> None:
+    model = load_enhancer_model(NUCLEI)  # torchscript + onnx: no opt-in
+    assert set(model.weights_formats) == {"torchscript", "onnx"}
+    assert model.usable_formats == ("torchscript", "onnx") and not model.allow_code
+
+
+def test_workflow_set_enhancer_allow_code(tmp_path: Path) -> None:
+    from tda_graph.workflows.pixel_classification import TrainableDomainAdaptation
+
+    pkg, marker = _state_dict_package(tmp_path)
+    raw = np.random.default_rng(2).random((64, 64)).astype(np.float32)
+    with TrainableDomainAdaptation(raw, workers=1, n_trees=4) as wf:
+        with pytest.raises(SettingsError, match="pass allow_code=True"):
+            wf.set_enhancer(str(pkg))
+        assert wf.enhanced is None and not marker.exists()
+        wf.set_enhancer(str(pkg), allow_code=True)
+        assert wf.enhanced.model.allow_code
+
+
+# ------------------------------------------------------------------ verified downloads
+def _zip_of(folder: Path, dest: Path) -> Path:
+    return Path(shutil.make_archive(str(dest.with_suffix("")), "zip", folder))
+
+
+@pytest.fixture
+def fake_download(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Replace the network download by a copy of ``state["zip"]`` (optionally failing half-way)."""
+    import operators.enhancer as enh_mod
+
+    state: dict = {"zip": None, "fail_after": None, "calls": 0}
+
+    def download(source: str, dest: Path) -> None:
+        state["calls"] += 1
+        data = Path(state["zip"]).read_bytes()
+        if state["fail_after"] is not None:
+            dest.write_bytes(data[: state["fail_after"]])
+            raise ConnectionError("connection reset by peer")
+        dest.write_bytes(data)
+
+    monkeypatch.setattr(enh_mod, "_download_package", download)
+    return state
+
+
+def test_download_is_verified_and_cached(tmp_path: Path, fake_download: dict) -> None:
+    from operators.enhancer import _cache_name
+
+    pytest.importorskip("bioimageio.core")
+    good = _zip_of(BUNDLED, tmp_path / "good.zip")
+    fake_download["zip"] = good
+    cache = tmp_path / "cache"
+    m = load_enhancer_model("https://example.org/mito.zip", cache_dir=cache, offline=False, sha256=_sha(good))
+    assert m.name == "tda-graph mitochondria EM 2D enhancer"
+    assert [p.name for p in cache.iterdir()] == [_cache_name("https://example.org/mito.zip")]
+    load_enhancer_model("https://example.org/mito.zip", cache_dir=cache, offline=False)
+    assert fake_download["calls"] == 1  # the second time from the cache
+
+
+def test_tampered_weights_are_refused_and_deleted(tmp_path: Path, fake_download: dict) -> None:
+    pkg = tmp_path / "pkg"
+    shutil.copytree(BUNDLED, pkg)
+    expected = _sha(pkg / "weights_torchscript.pt")
+    with open(pkg / "weights_torchscript.pt", "ab") as f:
+        f.write(b"tampered")
+    actual = _sha(pkg / "weights_torchscript.pt")
+    fake_download["zip"] = _zip_of(pkg, tmp_path / "bad.zip")
+    cache = tmp_path / "cache"
+    match = f"torchscript weights 'weights_torchscript.pt' does not match.*expected {expected}, got {actual}"
+    with pytest.raises(ModelError, match=match):
+        load_enhancer_model("some-zoo-id", cache_dir=cache, offline=False)
+    assert list(cache.iterdir()) == []  # deleted, nothing in the cache
+
+
+def test_tampered_architecture_source_is_refused(tmp_path: Path, fake_download: dict) -> None:
+    pkg, marker = _state_dict_package(tmp_path)
+    (pkg / "arch.py").write_text((pkg / "arch.py").read_text() + "\nimport os  # injected\n")
+    fake_download["zip"] = _zip_of(pkg, tmp_path / "bad.zip")
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelError, match="pytorch_state_dict architecture source 'arch.py' does not match"):
+        load_enhancer_model("some-zoo-id", cache_dir=cache, offline=False, allow_code=True)
+    assert list(cache.iterdir()) == [] and not marker.exists()
+
+
+def test_package_sha256_mismatch_and_partial_download(tmp_path: Path, fake_download: dict) -> None:
+    good = _zip_of(BUNDLED, tmp_path / "good.zip")
+    fake_download["zip"] = good
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelError, match=f"does not match its sha256: expected {'0' * 64}, got {_sha(good)}"):
+        load_enhancer_model("some-zoo-id", cache_dir=cache, offline=False, sha256="0" * 64)
+    assert list(cache.iterdir()) == []
+    fake_download["fail_after"] = 1000  # the connection drops half-way
+    with pytest.raises(ModelError, match="could not download model 'some-zoo-id'.*connection reset"):
+        load_enhancer_model("some-zoo-id", cache_dir=cache, offline=False)
+    assert list(cache.iterdir()) == []  # no partial file left, nothing under the cache name
+
+
+# ------------------------------------------------------------------ model faults inside the workflow
+def _faulty_bundled(tmp_path: Path, kind: str) -> Path:
+    """The bundled package with torchscript weights that raise, return NaN, or return a cropped (wrong) shape."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("bioimageio.core")
+
+    class Raises(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("fake failure")
+
+    class ReturnsNaN(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * float("nan")
+
+    class WrongShape(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[..., 1:, :-2]
+
+    module = {"raise": Raises, "nan": ReturnsNaN, "shape": WrongShape}[kind]()
+    d = tmp_path / f"faulty_{kind}"
+    shutil.copytree(BUNDLED, d)
+    (d / "weights_torchscript.pt").unlink()
+    torch.jit.save(torch.jit.script(module), str(d / "fake.pt"))
+    text = (BUNDLED / "bioimageio.yaml").read_text()
+    start, end = text.index("weights:"), text.index("config:")
+    sha = _sha(d / "fake.pt")
+    weights = f"weights:\n  torchscript:\n    source: fake.pt\n    sha256: {sha}\n    pytorch_version: 2.13.0\n"
+    text = text[:start] + weights + text[end:]
+    (d / "bioimageio.yaml").write_text(
+        text.replace("name: tda-graph mitochondria EM 2D enhancer", f"name: Faulty {kind}")
+    )
+    return d
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        ("raise", "failed on tile.*fake failure"),
+        ("nan", "returned [0-9]+ NaN/inf values on tile"),
+        ("shape", r"returned shape \(1, 287, 286\) on tile.*expected \(1, 288, 288\)"),
+    ],
+)
+def test_model_fault_in_workflow_is_clear_and_graph_stays_usable(tmp_path: Path, kind: str, match: str) -> None:
+    from tda_graph.workflows.pixel_classification import TrainableDomainAdaptation
+
+    model = load_enhancer_model(_faulty_bundled(tmp_path, kind))
+    raw = np.random.default_rng(7).random((96, 96)).astype(np.float32)
+    with TrainableDomainAdaptation(raw, workers=2, n_trees=4, selection={"GaussianSmoothing": [1.0]}) as wf:
+        wf.paint(Roi((5, 5), (6, 60)), np.ones((1, 55), bool), 1)
+        wf.paint(Roi((80, 5), (81, 60)), np.ones((1, 55), bool), 2)
+        wf.set_enhancer(model)
+        for _ in range(2):  # fails the same way again: nothing (no zeros) was cached
+            with pytest.raises(OperatorError) as info:
+                wf.request("enhanced")
+            msg = str(info.value)
+            assert f"model 'Faulty {kind}'" in msg and "tile Roi[0:96, 0:96]" in msg, msg
+            assert isinstance(info.value.__cause__, ModelError)
+            assert re.search(match, msg, re.S), msg
+            assert wf.graph.stats(wf.enhanced)["cached_blocks"] == 0
+        # the other outputs keep working, and equal a fresh single-threaded recomputation
+        for name in ("features", "probabilities", "segmentation", "enhancer_input"):
+            np.testing.assert_array_equal(wf.request(name), wf.graph.recompute(wf.output(name)))
+        wf.paint(Roi((40, 40), (41, 50)), np.ones((1, 10), bool), 2)  # painting still propagates
+        np.testing.assert_array_equal(wf.request("probabilities"), wf.graph.recompute(wf.probabilities))
+        wf.set_enhancer("mitochondria_em2d")  # a working model replaces the faulty one
+        out = wf.request("enhanced")
+        assert out.shape == (96, 96, 1) and np.all(np.isfinite(out))

@@ -279,3 +279,34 @@ def test_info_shows_project_and_graph(trained, capsys):
     out = capsys.readouterr().out
     assert "forest: 15 trees" in out and "classes: 1=class 1" in out
     assert "probabilities    yxc   (300, 260, 2) float32 cached" in out
+
+
+def test_state_dict_enhancer_needs_allow_code(trained, tmp_path, capsys):
+    """A package with only pytorch_state_dict weights: refused without --allow-code at train and predict."""
+    from test_enhancer import _state_dict_package
+
+    d, _, _ = trained
+    pkg, marker = _state_dict_package(tmp_path)
+    proj = d / "code.tdap"
+    args = ["train", "--image", f"{d}/img.h5:/raw", "--labels", f"{d}/img.h5:/labels", "--trees", "5"]
+    assert main([*args, "--project", str(proj), "--enhancer", str(pkg)]) == 2
+    err = capsys.readouterr().err
+    assert "only pytorch_state_dict weights, which run Python code from the package" in err and "--allow-code" in err
+    assert not proj.exists() and not marker.exists()
+    assert main([*args, "--project", str(proj), "--enhancer", str(pkg), "--allow-code"]) == 0
+    predict = ["predict", "--project", str(proj), "--input", f"{d}/img.h5:/raw", "--export", "enhanced", "--quiet"]
+    marker.unlink(missing_ok=True)
+    assert main([*predict, "--output", f"{d}/e.h5:/e"]) == 2  # the permission is not stored in the project
+    assert "--allow-code" in capsys.readouterr().err
+    assert not (d / "e.h5").exists() and not marker.exists()
+    assert main([*predict, "--output", f"{d}/e.zarr", "--scheduler", "local:1"]) == 2  # dask workers too
+    assert "--allow-code" in capsys.readouterr().err
+    assert main([*predict, "--output", f"{d}/e.h5:/e", "--allow-code"]) == 0
+    with h5py.File(d / "e.h5") as f:
+        single = f["e"][...]
+    assert single.shape == (300, 260, 1) and np.isfinite(single).all()
+    assert marker.exists()
+    assert main([*predict, "--output", f"{d}/e.zarr", "--scheduler", "local:1", "--allow-code"]) == 0
+    import zarr
+
+    np.testing.assert_array_equal(zarr.open_group(str(d / "e.zarr"))["data"][...], single)

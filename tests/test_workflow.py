@@ -101,3 +101,18 @@ def test_workflow_with_enhancer_channel_and_stroke(shared_data):
         assert events and wf.channel == 1
         np.testing.assert_array_equal(wf.request("enhancer_input")[..., 0], wf.request("probabilities")[..., 0])
         sub.disconnect()
+
+
+def test_bundled_enhancer_set_and_removed(em):
+    gt = em.mitochondria > 0
+    with TrainableDomainAdaptation(em.raw, n_trees=10, workers=1) as wf:
+        paint_truth(wf, gt)
+        wf.set_enhancer("mitochondria_em2d")
+        out = wf.request("enhanced", Roi((0, 0, 0), (96, 96, 1)))
+        assert out.shape == (96, 96, 1) and 0.0 <= out.min() and out.max() <= 1.0
+        wf.remove_enhancer()
+        assert wf.enhanced is None
+        with pytest.raises(SettingsError, match="needs an enhancer"):
+            wf.request("enhanced")
+        assert wf.request("probabilities").shape == (192, 192, 2)  # the rest keeps working
+        wf.remove_enhancer()  # idempotent

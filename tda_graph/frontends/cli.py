@@ -149,6 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         n_trees=args.trees,
         seed=args.seed,
         enhancer=args.enhancer,
+        allow_code=args.allow_code,
     )
     counts = state.labels.counts() if state.labels is not None else {}
     print(
@@ -186,6 +187,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 memory=_parse_memory(args.memory),
                 axes=args.axes,
                 progress=not args.quiet,
+                allow_code=args.allow_code,
             )
         else:
             r = predict_to_file(
@@ -198,6 +200,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 memory=_parse_memory(args.memory),
                 workers=args.workers,
                 progress=None if args.quiet else _progress(Path(inp.split(":")[0]).name),
+                allow_code=args.allow_code,
             )
         print(
             f"{inp} -> {out}: {args.export} {tuple(r['shape'])}, {r['computed']} blocks computed, "
@@ -228,7 +231,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  forest: {f.n_trees} trees, {f.n_features} features, classes {[int(c) for c in f.classes]}")
     print(f"  enhancer channel: {state.channel}; enhancer: {state.enhancer}")
     if args.input:
-        job = _build(state, args.input, args.axes, args.export, 1)
+        job = _build(state, args.input, args.axes, args.export, 1, allow_code=args.allow_code)
         g = job.wf.graph
         print("graph:")
         for op in g.nodes:
@@ -248,8 +251,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     from ..models import bundled_enhancers
 
     if args.add:
-        m = load_enhancer_model(args.add)  # fails clearly for a broken package
-        print(f"{args.add}: loads as {m.name!r}; use it with 'tda train --enhancer {args.add}'")
+        m = load_enhancer_model(args.add, allow_code=args.allow_code)  # fails clearly for a broken package
+        flag = " --allow-code" if args.allow_code and "torchscript" not in m.usable_formats else ""
+        print(
+            f"{args.add}: loads as {m.name!r} (weights: {', '.join(m.usable_formats)}); "
+            f"use it with 'tda train --enhancer {args.add}{flag}'"
+        )
         return 0
     bundled = bundled_enhancers()
     print("bundled enhancers:" if bundled else "bundled enhancers: none in this installation")
@@ -273,6 +280,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise SettingsError(f"--trees must be >= 1, got {args.trees}")
     run_bench(quick=args.quick, trees=args.trees, only=only, json_path=args.json)
     return 0
+
+
+_ALLOW_CODE_HELP = (
+    "allow an enhancer package whose only weights run Python code shipped in the package (pytorch_state_dict); "
+    "only for packages you trust (never stored in the project)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--enhancer", default=None, help="bundled enhancer name ('tda models'), a model package folder or a .zip"
     )
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--allow-code", action="store_true", help=_ALLOW_CODE_HELP)
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("predict", help="predict with a project, blockwise and resumable")
@@ -325,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run on dask.distributed: local:N (N worker processes) or tcp://host:port; outputs must be .zarr",
     )
+    pr.add_argument("--allow-code", action="store_true", help=_ALLOW_CODE_HELP)
     pr.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("info", help="show what a project holds and the graph it builds for an input")
@@ -333,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--axes", default=None)
     i.add_argument("--export", default="probabilities", help="output to plan for (default: %(default)s)")
     i.add_argument("--dot", action="store_true", help="also print the graph in Graphviz dot syntax")
+    i.add_argument("--allow-code", action="store_true", help=_ALLOW_CODE_HELP)
     i.set_defaults(func=cmd_info)
 
     from ..workflows.shallow2deep import add_train_enhancer_parser  # torch is imported only when it runs
@@ -341,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list bundled and cached enhancer models; check a local package")
     m.add_argument("--add", default=None, help="a model package folder or .zip to check (it is used in place)")
+    m.add_argument("--allow-code", action="store_true", help=_ALLOW_CODE_HELP)
     m.set_defaults(func=cmd_models)
 
     b = sub.add_parser("bench", help="measure feature, forest and live-update speed on this machine (generated data)")

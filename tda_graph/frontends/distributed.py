@@ -31,7 +31,7 @@ from typing import Any
 from operators.file_sources import parse_image_spec
 
 from ..workflows.blocks import BlockGrid, block_grid, predict_block
-from ..workflows.headless import BatchError
+from ..workflows.headless import BatchError, check_output_location
 from .atomic import atomic_path
 
 __all__ = ["WORKER_OVERHEAD", "predict_distributed", "write_block"]
@@ -65,12 +65,13 @@ def write_block(
     axes: str | None = None,
     threads: int | None = 1,
     memory: int | None = None,
+    allow_code: bool = False,
 ) -> tuple[int, ...]:
     """Compute the block ``start:stop`` and write it into the output zarr array (one task).
 
     Parameters
     ----------
-    project, input_spec, export, axes, threads, memory
+    project, input_spec, export, axes, threads, memory, allow_code
         As for :func:`~tda_graph.workflows.blocks.predict_block`.
     output, inner : str
         The output zarr group and the array inside it.
@@ -84,7 +85,9 @@ def write_block(
     tuple of int
         ``start``, once the block's chunk is completely written.
     """
-    data = predict_block(project, input_spec, export, (start, stop), axes=axes, threads=threads, memory=memory)
+    data = predict_block(
+        project, input_spec, export, (start, stop), axes=axes, threads=threads, memory=memory, allow_code=allow_code
+    )
     local = tuple(slice(a - o, b - o) for a, b, o in zip(start, stop, origin))
     _open_output(output, inner)[local] = data
     return start
@@ -226,6 +229,7 @@ def predict_distributed(
     memory: int | None = None,
     axes: str | None = None,
     progress: bool = True,
+    allow_code: bool = False,
 ) -> dict[str, Any]:
     """Predict ``export`` for ``input_spec`` with a saved project on dask.distributed; write a zarr.
 
@@ -254,6 +258,9 @@ def predict_distributed(
         Stored axes of the input.
     progress : bool
         Show a progress bar on stderr.
+    allow_code : bool
+        Allow an enhancer whose weights run Python code from its package (``--allow-code``);
+        every worker then runs that code.
 
     Returns
     -------
@@ -273,9 +280,10 @@ def predict_distributed(
     _local_workers(scheduler)  # a bad --scheduler fails before the output is touched
     out_path = os.path.abspath(out_path)
     inner = (inner or "data").strip("/")
+    check_output_location(out_path, inner, Path(out_path + ".tda-done"))  # before anything is written
     project = os.path.abspath(project)
     input_spec = _absolute_spec(input_spec)
-    grid = block_grid(project, input_spec, export, roi, memory, axes=axes)
+    grid = block_grid(project, input_spec, export, roi, memory, axes=axes, allow_code=allow_code)
     done, finished = _prepare_output(project, input_spec, export, out_path, inner, grid)
     todo = [(idx, r) for idx, r in grid.blocks if idx not in finished]
     summary: dict[str, Any] = {
@@ -294,6 +302,7 @@ def predict_distributed(
             "inner": inner,
             "origin": grid.roi.start,
             "axes": axes,
+            "allow_code": allow_code,
         }
         summary["computed"] = _run(todo, done, scheduler, memory, progress, len(grid.blocks), len(finished), task)
     shutil.rmtree(done)

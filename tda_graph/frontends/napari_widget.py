@@ -623,9 +623,7 @@ class TdaWidget(QWidget):
     def _load_model(wf: TrainableDomainAdaptation, source: str | None) -> tuple[TrainableDomainAdaptation, str | None]:
         # worker thread: loading a bioimage.io package takes seconds
         if source is None:
-            if wf.enhanced is not None:
-                wf.graph.remove(wf.enhanced)
-                wf.enhanced = None
+            wf.remove_enhancer()
         else:
             wf.set_enhancer(source)
         return wf, source

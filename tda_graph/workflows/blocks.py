@@ -37,7 +37,7 @@ __all__ = ["BlockGrid", "block_grid", "clear_cache", "predict_block"]
 #: Most workflows one process keeps built at once (least recently used is closed first).
 CACHE_SIZE = 2
 
-_CacheKey = tuple[str, int, int, str, str | None, str, int | None]
+_CacheKey = tuple[str, int, int, str, str | None, str, int | None, bool]
 _cache: OrderedDict[_CacheKey, _Job] = OrderedDict()
 _cache_lock = threading.Lock()
 
@@ -78,19 +78,31 @@ def _halo(job: _Job) -> int:
 
 
 def _key(
-    project: str | os.PathLike[str], input_spec: str, axes: str | None, export: str, threads: int | None
+    project: str | os.PathLike[str],
+    input_spec: str,
+    axes: str | None,
+    export: str,
+    threads: int | None,
+    allow_code: bool,
 ) -> _CacheKey:
     path = Path(project).resolve()
     try:
         st = path.stat()
     except OSError as e:
         raise BatchError(f"cannot read the project {str(project)!r} ({e.strerror}); check the path") from None
-    return (str(path), st.st_mtime_ns, st.st_size, os.path.abspath(input_spec), axes, export, threads)
+    return (str(path), st.st_mtime_ns, st.st_size, os.path.abspath(input_spec), axes, export, threads, allow_code)
 
 
-def _job(project: str | os.PathLike[str], input_spec: str, axes: str | None, export: str, threads: int | None) -> _Job:
+def _job(
+    project: str | os.PathLike[str],
+    input_spec: str,
+    axes: str | None,
+    export: str,
+    threads: int | None,
+    allow_code: bool = False,
+) -> _Job:
     """The cached workflow for these arguments, built (project loaded) on first use in this process."""
-    key = _key(project, input_spec, axes, export, threads)
+    key = _key(project, input_spec, axes, export, threads, allow_code)
     with _cache_lock:
         job = _cache.get(key)
         if job is not None:
@@ -98,7 +110,7 @@ def _job(project: str | os.PathLike[str], input_spec: str, axes: str | None, exp
             return job
         if threads is not None:
             _limit_io_threads(threads)
-        job = _build(load_project(project), input_spec, axes, export, threads)
+        job = _build(load_project(project), input_spec, axes, export, threads, allow_code=allow_code)
         _cache[key] = job
         while len(_cache) > CACHE_SIZE:
             _, old = _cache.popitem(last=False)
@@ -137,6 +149,7 @@ def block_grid(
     memory: int | None = None,
     *,
     axes: str | None = None,
+    allow_code: bool = False,
 ) -> BlockGrid:
     """Output shape, dtype, channels and block ROIs of a prediction, as ``predict_to_file`` lays them out.
 
@@ -154,13 +167,15 @@ def block_grid(
         Memory budget per block in bytes (``--memory``); chooses the block size.
     axes : str, optional
         Stored axes of the input (default: metadata or ndim).
+    allow_code : bool
+        Allow an enhancer whose weights run Python code from its package (``--allow-code``).
 
     Raises
     ------
     BatchError
         Unknown export, untrained project, input that does not match the project, bad ROI or memory.
     """
-    job = _job(project, input_spec, axes, export, 1)
+    job = _job(project, input_spec, axes, export, 1, allow_code)
     wf = job.wf
     full = Roi.full(wf.raw.spec.spatial_shape)
     out_roi = parse_roi(roi_text, full.shape)
@@ -193,6 +208,7 @@ def predict_block(
     axes: str | None = None,
     threads: int | None = None,
     memory: int | None = None,
+    allow_code: bool = False,
 ) -> np.ndarray:
     """Compute one output block of a saved project.
 
@@ -214,6 +230,8 @@ def predict_block(
     memory : int, optional
         Memory budget in bytes; caps the engine's block cache at a quarter of it,
         as ``predict_to_file`` does.
+    allow_code : bool
+        Allow an enhancer whose weights run Python code from its package (``--allow-code``).
 
     Returns
     -------
@@ -228,7 +246,7 @@ def predict_block(
     """
     if export not in EXPORTS:
         raise BatchError(f"unknown export {export!r}; choose one of {', '.join(EXPORTS)}")
-    job = _job(project_path, input_spec, axes, export, threads)
+    job = _job(project_path, input_spec, axes, export, threads, allow_code)
     if memory:
         job.wf.graph.set_cache_budget(max(memory // 4, 1 << 20))
     r = _as_roi(roi)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,14 +30,19 @@ from .pixel_classification import TrainableDomainAdaptation
 from .project import EnhancerRef, ProjectState, load_project, save_project
 
 
-def enhancer_ref(model: str) -> EnhancerRef:
-    """A project reference to a bundled enhancer name, a package folder, a yaml or a ``.zip``; checked by loading."""
+def enhancer_ref(model: str, *, allow_code: bool = False) -> EnhancerRef:
+    """A project reference to a bundled enhancer name, a package folder, a yaml or a ``.zip``; checked by loading.
+
+    ``allow_code`` permits packages whose weights run Python code from the package
+    (``pytorch_state_dict``). The permission is not stored in the project: every
+    ``predict`` has to be given it again.
+    """
     from operators.enhancer import load_enhancer_model
     from tda_graph.models import bundled_enhancers
 
     bundled = bundled_enhancers()
     if model in bundled:
-        load_enhancer_model(str(bundled[model]))
+        load_enhancer_model(str(bundled[model]), allow_code=allow_code)
         return EnhancerRef(name=model)
     p = Path(model)
     if not p.exists():
@@ -44,17 +50,57 @@ def enhancer_ref(model: str) -> EnhancerRef:
         raise BatchError(
             f"enhancer {model!r} is neither a bundled enhancer ({names}) nor an existing package folder, yaml or .zip"
         )
-    load_enhancer_model(str(p))  # a package that fails to load fails now, not at predict time
+    load_enhancer_model(str(p), allow_code=allow_code)  # a package that fails to load fails now, not at predict time
     return EnhancerRef.from_file(p / "bioimageio.yaml" if p.is_dir() else p)
 
 
 def enhancer_source(ref: EnhancerRef) -> str:
-    """What :func:`operators.enhancer.load_enhancer_model` should open for a project's enhancer."""
+    """What :func:`operators.enhancer.load_enhancer_model` should open for a project's enhancer.
+
+    A project names a bundled enhancer or an existing local file; anything else
+    (a zoo id or URL written into a crafted project) is refused, so opening a
+    project never downloads a model.
+    """
     from tda_graph.models import bundled_enhancer
 
     if ref.name is not None:
-        return str(bundled_enhancer(ref.name))
+        try:
+            return str(bundled_enhancer(ref.name))
+        except KeyError as e:
+            raise BatchError(f"the project's enhancer: {e.args[0]}; set the enhancer again with --enhancer") from None
+    if ref.path is None or not Path(ref.path).is_file():
+        raise BatchError(
+            f"the project's enhancer file {ref.path!r} does not exist; a project refers to local model files only "
+            "(move the package back or train again with --enhancer)"
+        )
     return str(ref.path)
+
+
+def check_output_location(out_path: str | os.PathLike[str], inner: str | None, *work: Path) -> None:
+    """Refuse outputs that would make writes land outside the location the user gave.
+
+    ``inner`` (the dataset / array name inside the output) may not contain
+    ``.`` / ``..`` parts or a drive letter; the output itself and the work folders next
+    to it (``<output>.tda-partial``, ``<output>.tda-done``) may not be symbolic
+    links, whose targets could lie anywhere.
+
+    Raises
+    ------
+    BatchError
+        Naming the offending path and what to give instead.
+    """
+    if inner is not None:
+        parts = inner.replace("\\", "/").split("/")
+        if inner.startswith("\\") or any(p in (".", "..") for p in parts) or re.match(r"^[A-Za-z]:", inner):
+            raise BatchError(
+                f"output dataset name {inner!r} has '.' or '..' parts; give a plain name such as 'data' or '/probs'"
+            )
+    for p in (Path(out_path), *work):
+        if p.is_symlink():
+            raise BatchError(
+                f"{str(p)!r} is a symbolic link; refusing to write through it (its target could be anywhere); "
+                "remove the link or choose another output path"
+            )
 
 
 EXPORTS = ("probabilities", "segmentation", "uncertainty", "features", "enhanced")
@@ -78,6 +124,7 @@ def train_project(
     seed: int = 0,
     class_names: Sequence[str] | None = None,
     enhancer: str | None = None,
+    allow_code: bool = False,
 ) -> ProjectState:
     """Train a forest from an image and a sparse label image and save a project.
 
@@ -92,10 +139,13 @@ def train_project(
         Label value whose probability feeds the enhancer (default: K).
     enhancer : str, optional
         Bundled enhancer name, package folder, ``bioimageio.yaml`` or ``.zip``.
+    allow_code : bool
+        Accept an enhancer package whose only weights run Python code from the
+        package (``pytorch_state_dict``); not stored in the project.
     """
     from operators import LabelStore
 
-    ref = enhancer_ref(enhancer) if enhancer else None
+    ref = enhancer_ref(enhancer, allow_code=allow_code) if enhancer else None
     src = open_image(image, axes=axes, name="raw")
     lab_src = open_image(labels, name="labels")
     img_spec, lab_spec = src.output_spec({}), lab_src.output_spec({})
@@ -206,7 +256,15 @@ class _Job:
     dtype: np.dtype
 
 
-def _build(state: ProjectState, input_spec: str, axes: str | None, export: str, workers: int | None) -> _Job:
+def _build(
+    state: ProjectState,
+    input_spec: str,
+    axes: str | None,
+    export: str,
+    workers: int | None,
+    *,
+    allow_code: bool = False,
+) -> _Job:
     if export not in EXPORTS:
         raise BatchError(f"unknown --export {export!r}; choose one of {', '.join(EXPORTS)}")
     if state.forest is None or state.labels is None:
@@ -239,7 +297,11 @@ def _build(state: ProjectState, input_spec: str, axes: str | None, export: str, 
         if state.enhancer is None:
             wf.close()
             raise BatchError("the project has no enhancer; train it with 'tda train ... --enhancer NAME_OR_PATH'")
-        wf.set_enhancer(enhancer_source(state.enhancer))
+        try:
+            wf.set_enhancer(enhancer_source(state.enhancer), allow_code=allow_code)
+        except TdaError:
+            wf.close()
+            raise
     op = wf.output(export)
     spec = op.spec
     n_out = spec.shape[-1] if spec.axes.endswith("c") else None
@@ -271,6 +333,7 @@ def predict_to_file(
     workers: int | None = None,
     progress: Callable[[int, int], Any] | None = None,
     stop_after: int | None = None,
+    allow_code: bool = False,
 ) -> dict[str, Any]:
     """Predict ``export`` for ``input_spec`` with a saved project and write ``output_spec``.
 
@@ -278,11 +341,13 @@ def predict_to_file(
     probabilities and features. Blockwise with bounded memory and resumable
     (see the module docstring). ``stop_after`` stops after that many newly
     computed blocks (for tests of resumption); the output is then not written.
+    ``allow_code`` lets ``export="enhanced"`` use an enhancer package whose only
+    weights run Python code from the package (never taken from the project).
 
     Returns a summary: blocks total, computed now, skipped (done before).
     """
     state = load_project(project)
-    job = _build(state, input_spec, axes, export, workers)
+    job = _build(state, input_spec, axes, export, workers, allow_code=allow_code)
     wf = job.wf
     try:
         full = Roi.full(wf.raw.spec.spatial_shape)
@@ -298,6 +363,7 @@ def predict_to_file(
             wf.graph.set_cache_budget(max(memory // 4, 1 << 20))
         out_path, inner, kind = parse_image_spec(output_spec)
         partial = Path(out_path + ".tda-partial")
+        check_output_location(out_path, inner, partial)
         meta = {
             "project_sha": hashlib.sha256(Path(project).read_bytes()).hexdigest(),
             "input": os.path.abspath(input_spec),
@@ -346,8 +412,10 @@ def _assemble(
 ) -> None:
     target = Path(out_path)
     tmp = target.with_name(target.name + ".tmp-write")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    if tmp.is_symlink() or tmp.is_file():
+        tmp.unlink()  # a link itself, never what it points to
+    elif tmp.exists():
+        shutil.rmtree(tmp)
 
     def pieces() -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
         for idx, r in blocks:

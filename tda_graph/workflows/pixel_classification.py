@@ -163,7 +163,7 @@ class TrainableDomainAdaptation:
         self._channel = int(channel)
         self.graph.configure(self.enhancer_input, channels=(self._channel - 1,))
 
-    def set_enhancer(self, model: Any, **settings: Any) -> Operator:
+    def set_enhancer(self, model: Any, *, allow_code: bool = False, **settings: Any) -> Operator:
         """Apply an enhancer network to the chosen class's probability.
 
         Parameters
@@ -171,18 +171,33 @@ class TrainableDomainAdaptation:
         model : str, path or EnhancerModel
             A bundled enhancer name (see ``tda models``), a model package folder,
             a ``bioimageio.yaml`` or a ``.zip``.
+        allow_code : bool
+            Allow a package whose only usable weights run Python code shipped in
+            it (``pytorch_state_dict``); see :func:`operators.enhancer.load_enhancer_model`.
+            Without it such a package raises :class:`~tda_graph.SettingsError`.
         **settings
             Passed to :class:`~operators.Enhancer` (``device``, ``tile``, ``margin``, ...).
         """
         model = _resolve_model(model)
+        op = Enhancer(model=model, name="enhanced", allow_code=allow_code, **settings)  # fails before any change
         if self.enhanced is not None:
             self.graph.remove(self.enhanced)
             self.enhanced = None
-        self.enhanced = self.graph.add(Enhancer(model=model, name="enhanced", **settings), image=self.enhancer_input)
+        self.enhanced = self.graph.add(op, image=self.enhancer_input)
         return self.enhanced
 
+    def remove_enhancer(self) -> None:
+        """Drop the enhancer network (the ``enhanced`` output is gone until :meth:`set_enhancer`)."""
+        if self.enhanced is not None:
+            self.graph.remove(self.enhanced)
+            self.enhanced = None
+
     def set_features(self, selection: Mapping[str, Sequence[float]] | str, in_2d: bool | None = None) -> None:
-        """Change the feature selection (dirties features and everything below)."""
+        """Change the feature selection (dirties features and everything below; the forest retrains).
+
+        Safe to call while other threads request outputs: a forest training in
+        progress gathers its rows again with the new features.
+        """
         changes: dict[str, Any] = {"selection": selection}
         if in_2d is not None:
             changes["in_2d"] = in_2d
