@@ -215,24 +215,57 @@ def _locked_message(path: Path, lock: Path) -> str:
     )
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_dead_lock_temps(lock: Path) -> None:
+    # a writer killed between writing its lock temp file and linking it leaves the temp file
+    for tmp in lock.parent.glob(f".{lock.name}.*.tmp"):
+        with contextlib.suppress(ValueError, OSError):
+            if not _pid_alive(int(tmp.name[len(lock.name) + 2 : -4])):
+                tmp.unlink()
+
+
+def _remove_dead_save_temps(target: Path) -> None:
+    # Called with the write lock held: no other process is saving this project now, so
+    # temp files of its earlier saves belong to writers that were killed mid-save.
+    for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+        if not tmp.name.startswith(f".{target.name}.lock."):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 @contextlib.contextmanager
 def _write_lock(path: Path) -> Iterator[None]:
     lock = _lock_path(path)
     host = _host()
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            if attempt == 0 and _lock_is_stale(lock):
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                continue
-            raise ProjectLockedError(_locked_message(path, lock)) from None
+    # The lock appears with its content in one step (link of a complete temp file), so a
+    # writer killed at any moment leaves either no lock or one naming its (dead) process,
+    # which the next save detects as stale; an empty lock file would block saving forever.
+    tmp = lock.with_name(f".{lock.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{os.getpid()} {host}\n")
     try:
-        os.write(fd, f"{os.getpid()} {host}\n".encode())
+        for attempt in range(2):
+            try:
+                os.link(tmp, lock)
+                break
+            except FileExistsError:
+                if attempt == 0 and _lock_is_stale(lock):
+                    with contextlib.suppress(FileNotFoundError):
+                        lock.unlink()
+                    continue
+                raise ProjectLockedError(_locked_message(path, lock)) from None
     finally:
-        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _remove_dead_lock_temps(lock)
     try:
         yield
     finally:
@@ -301,8 +334,9 @@ def save_project(path: str | os.PathLike[str], state: ProjectState) -> None:
     target = Path(path).absolute()
     project_dir = target.parent
     project_dir.mkdir(parents=True, exist_ok=True)
-    with _write_lock(target), atomic_path(target) as tmp:
-        with h5py.File(tmp, "w") as f:
+    with _write_lock(target):
+        _remove_dead_save_temps(target)
+        with atomic_path(target) as tmp, h5py.File(tmp, "w") as f:
             _write(f, state, project_dir)
             f.flush()
 
@@ -443,28 +477,33 @@ def load_project(path: str | os.PathLike[str], *, check_files: bool = True) -> P
             f"project file {str(target)!r} is corrupt or truncated (not a readable HDF5 file: {e}); "
             "restore it from a backup"
         ) from e
-    with f:
-        fmt = _text(f.attrs.get("format", ""))
-        if fmt != FORMAT_NAME:
-            raise ProjectError(f"{str(target)!r} is not a tda-graph project (format attribute {fmt!r})")
-        try:
-            version = int(f.attrs["format_version"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ProjectError(f"project {str(target)!r} lacks a valid format_version attribute") from e
-        if version > FORMAT_VERSION:
-            raise ProjectError(
-                f"project {str(target)!r} was written by a newer tda-graph (format version {version}; "
-                f"this version reads up to {FORMAT_VERSION}); upgrade tda-graph to open it"
-            )
-        if version < 1:
-            raise ProjectError(f"project {str(target)!r} has an invalid format version {version}")
-        _check_safe(f)
-        try:
-            return _read(f, target.parent, check_files)
-        except ProjectError:
-            raise
-        except (KeyError, ValueError, TypeError, OSError, LabelError) as e:
-            raise ProjectError(f"project {str(target)!r} is corrupt: {e}") from e
+    try:
+        with f:
+            return _load_open(f, target, check_files)
+    except ProjectError:
+        raise
+    except (KeyError, ValueError, TypeError, OSError, RuntimeError, LabelError) as e:
+        # h5py raises OSError / KeyError / RuntimeError on truncated or damaged internals
+        raise ProjectError(f"project {str(target)!r} is corrupt: {e}; restore it from a backup") from e
+
+
+def _load_open(f: h5py.File, target: Path, check_files: bool) -> ProjectState:
+    fmt = _text(f.attrs.get("format", ""))
+    if fmt != FORMAT_NAME:
+        raise ProjectError(f"{str(target)!r} is not a tda-graph project (format attribute {fmt!r})")
+    try:
+        version = int(f.attrs["format_version"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProjectError(f"project {str(target)!r} lacks a valid format_version attribute") from e
+    if version > FORMAT_VERSION:
+        raise ProjectError(
+            f"project {str(target)!r} was written by a newer tda-graph (format version {version}; "
+            f"this version reads up to {FORMAT_VERSION}); upgrade tda-graph to open it"
+        )
+    if version < 1:
+        raise ProjectError(f"project {str(target)!r} has an invalid format version {version}")
+    _check_safe(f)
+    return _read(f, target.parent, check_files)
 
 
 def _read(f: h5py.File, project_dir: Path, check_files: bool) -> ProjectState:
