@@ -279,6 +279,12 @@ class PixelClassifier(Operator):
             return False  # the features changed under us (see _train)
         X = np.concatenate([p.X for p in parts])
         y = np.concatenate([p.y for p in parts])
+        bad = np.isinf(X).any(axis=1)
+        if bad.any():  # NaN is fine (sklearn routes it as missing); infinities are not
+            raise ClassifierNotReady(
+                f"the features are infinite at {int(bad.sum())} labelled pixel(s): the image holds +-inf or values "
+                "too large for float32 near them; replace those values in the image or erase the labels there"
+            )
         forest = train_forest(X, y, self.settings)
         with self._state_lock:
             self._forest = forest

@@ -274,7 +274,15 @@ class FileSource(Operator):
         stored: list[slice] = [slice(None)] * len(canon)
         for i, j in enumerate(self._perm):
             stored[j] = canon[i]
-        data = np.asarray(self._read(tuple(stored)))
+        try:
+            data = np.asarray(self._read(tuple(stored)))
+        except TdaError:
+            raise
+        except Exception as e:  # readers of damaged files raise many types; name the file and region
+            raise SourceError(
+                f"cannot read {roi!r} of {self.location!r} ({type(e).__name__}: {e}); "
+                "the file may be damaged or truncated: check it or restore it"
+            ) from e
         if self._perm != tuple(range(len(self._perm))):
             data = data.transpose(self._perm)
         return np.ascontiguousarray(data, dtype=self._spec.dtype)
@@ -353,33 +361,47 @@ class Hdf5Source(FileSource):
             raise SourceError(
                 f"{str(self._path)!r} is not a readable HDF5 file ({e}); check the path and format"
             ) from e
-        with f:
-            available = _h5_datasets(f)
-            if dataset is None:
-                if len(available) != 1:
-                    raise SourceError(
-                        f"{str(self._path)!r} holds {len(available)} image datasets; name one as "
-                        f"'{self._path}:/dataset' (available: {', '.join(available) or 'none'})"
-                    )
-                dataset = available[0]
-            obj = f.get(dataset)
-            if not isinstance(obj, h5py.Dataset):
-                what = "is a group, not a dataset" if obj is not None else "does not exist"
+        try:
+            with f:
+                self._open_dataset(f, dataset, axes)
+        except TdaError:
+            raise
+        except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
+            # h5py's errors for damaged object headers, B-trees or attributes
+            raise SourceError(
+                f"{str(self._path)!r} is damaged or not a readable HDF5 image ({type(e).__name__}: {e}); "
+                "check the file (h5dump / h5py) or restore it"
+            ) from e
+
+    def _open_dataset(self, f: Any, dataset: str | None, axes: str | None) -> None:
+        import h5py
+
+        available = _h5_datasets(f)
+        if dataset is None:
+            if len(available) != 1:
                 raise SourceError(
-                    f"dataset {dataset!r} {what} in {str(self._path)!r}; "
-                    f"available datasets: {', '.join(available) or 'none'}"
+                    f"{str(self._path)!r} holds {len(available)} image datasets; name one as "
+                    f"'{self._path}:/dataset' (available: {', '.join(available) or 'none'})"
                 )
-            self._dataset = obj.name
-            meta = None
-            tags = _attr_text(obj.attrs.get("axistags"))
-            if tags is not None:
-                try:
-                    meta = _axes_from_names(json.loads(tags).get("axes", []), obj.ndim)
-                except (ValueError, AttributeError):
-                    meta = None
-            if meta is None and "DIMENSION_LABELS" in obj.attrs:
-                meta = _axes_from_names(list(np.atleast_1d(obj.attrs["DIMENSION_LABELS"])), obj.ndim)
-            self._setup(obj.shape, obj.dtype, axes, meta)
+            dataset = available[0]
+        obj = f.get(dataset)
+        if not isinstance(obj, h5py.Dataset):
+            what = "is a group, not a dataset" if obj is not None else "does not exist"
+            raise SourceError(
+                f"dataset {dataset!r} {what} in {str(self._path)!r}; "
+                f"available datasets: {', '.join(available) or 'none'}"
+            )
+        self._dataset = obj.name
+        meta = None
+        tags = _attr_text(obj.attrs.get("axistags"))
+        if tags is not None:
+            try:
+                meta = _axes_from_names(json.loads(tags).get("axes", []), obj.ndim)
+            except (ValueError, AttributeError):
+                meta = None
+        if meta is None and "DIMENSION_LABELS" in obj.attrs:
+            meta = _axes_from_names(list(np.atleast_1d(obj.attrs["DIMENSION_LABELS"])), obj.ndim)
+        self._setup(obj.shape, obj.dtype, axes, meta)
 
     @property
     def inner_path(self) -> str:
@@ -583,8 +605,11 @@ class TiffSource(FileSource):
             with tifffile.TiffFile(self._path) as tif:
                 series = tif.series[0]
                 shape, dtype, tif_axes = series.shape, series.dtype, series.axes
-        except (tifffile.TiffFileError, OSError, IndexError) as e:
-            raise SourceError(f"{str(self._path)!r} is not a readable TIFF file ({e}); check the path") from e
+        except Exception as e:  # tifffile raises many types (RuntimeError, ZeroDivisionError, ...) on damaged files
+            raise SourceError(
+                f"{str(self._path)!r} is not a readable TIFF file ({type(e).__name__}: {e}); check the path, "
+                "or whether the file is damaged"
+            ) from e
         meta = None
         if tif_axes and all(a in _TIFF_AXES for a in tif_axes):
             meta = _axes_from_names([_TIFF_AXES[a] for a in tif_axes], len(shape))

@@ -251,3 +251,23 @@ def test_feature_selection_change_during_training_gathers_rows_again(monkeypatch
     assert clf.forest.n_features == feats.spec.n_channels == 4
     assert out[5, 5, 0] > 0.5 and out[5, 150, 1] > 0.5
     g.close()
+
+
+def test_infinite_features_at_labels_are_a_clear_state():
+    img = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    img[10:14, 10:20] = np.inf
+    g = Graph(workers=1)
+    src = g.add(ArraySource(img, axes="yx"))
+    from operators import FeatureFilters
+
+    feats = g.add(FeatureFilters({"GaussianSmoothing": [0.7]}), image=src)
+    lab = g.add(LabelStore(img.shape, "yx", ("bg", "fg")))
+    clf = g.add(PixelClassifier(class_names=("bg", "fg"), n_trees=3), features=feats, labels=lab)
+    lab.paint(Roi((11, 11), (12, 15)), np.ones((1, 4), bool), 1)
+    lab.paint(Roi((40, 40), (41, 45)), np.ones((1, 5), bool), 2)
+    with pytest.raises(ClassifierNotReady, match=r"infinite at \d+ labelled pixel.*erase the labels there"):
+        g.request(clf, Roi((0, 0, 0), (8, 8, 2)))
+    lab.erase(Roi((11, 11), (12, 15)))
+    lab.paint(Roi((50, 11), (51, 15)), np.ones((1, 4), bool), 1)
+    assert g.request(clf, Roi((0, 0, 0), (8, 8, 2))).shape == (8, 8, 2)  # usable again
+    g.close()
