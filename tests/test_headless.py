@@ -1,5 +1,7 @@
 """`tda train` / `tda predict`: headless training, blockwise resumable prediction, clear errors."""
 
+import signal
+
 import h5py
 import numpy as np
 import pytest
@@ -310,3 +312,36 @@ def test_state_dict_enhancer_needs_allow_code(trained, tmp_path, capsys):
     import zarr
 
     np.testing.assert_array_equal(zarr.open_group(str(d / "e.zarr"))["data"][...], single)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_sigkilled_predict_process_resumes_identically(trained):
+    """A real `tda predict` process killed mid-run: the re-run skips its finished blocks, output identical."""
+    import subprocess
+    import sys
+    import time
+
+    d, proj, em = trained
+    argv = ["predict", "--project", str(proj), "--input", f"{d}/img.h5:/raw", "--export", "probabilities"]
+    argv += ["--memory", "4M", "--workers", "1", "--quiet"]  # many small blocks
+    assert main([*argv, "--output", f"{d}/ref.h5:/p"]) == 0
+    with h5py.File(d / "ref.h5") as f:
+        ref = f["p"][...]
+    out = f"{d}/k.h5:/p"
+    code = "import sys; from tda_graph.frontends.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv, "--output", out])
+    partial = d / "k.h5.tda-partial"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and len(list(partial.glob("block_*.npy"))) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (d / "k.h5").exists()  # the output appears only when complete
+    done_before = len(list(partial.glob("block_*.npy")))
+    res = predict_to_file(proj, f"{d}/img.h5:/raw", out, "probabilities", memory=4_000_000, workers=1)
+    assert res["finished"] and res["skipped"] == done_before and res["computed"] >= 1
+    with h5py.File(d / "k.h5") as f:
+        np.testing.assert_array_equal(f["p"][...], ref)
