@@ -22,8 +22,9 @@ mitochondria_em2d (trained on EPFL slices 0-19)
     ``em_like`` mitochondria (other domain).
 membranes_em2d (trained on ISBI 2012 slices 0-19)
     ISBI membranes, held-out slices 20-29 (same domain); EPFL membranes
-    slices 20-26 (FIB-SEM mouse, other domain); FlyEM medulla boundaries,
-    z = 25, 75, ..., 225 (isotropic FIB-SEM fly, other domain).
+    slices 20-26 (FIB-SEM mouse, other domain); synthetic ``em_like``
+    membranes (other domain); FlyEM medulla boundaries, z = 25, 75, ..., 225
+    (isotropic FIB-SEM fly, other domain).
 """
 
 from __future__ import annotations
@@ -128,6 +129,13 @@ def datasets(data: Path, quick: bool) -> Iterator[tuple[str, str, str, np.ndarra
             _read(epfl, "raw", epfl_z),
             _read(epfl, "membranes", epfl_z),
         )
+    yield (
+        "membranes_em2d",
+        "synthetic em_like membranes",
+        "other",
+        np.stack([s.raw for s in syn]),
+        np.stack([s.membranes for s in syn]),
+    )
     if flyem.exists():
         z = [25, 125, 225] if quick else list(range(25, 250, 50))
         yield (

@@ -45,9 +45,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     em = em_like((args.size, args.size), seed=args.seed)
-    gt = em.mitochondria > 0
+    target = args.target
+    gt = getattr(em, target) > 0
     wf = TrainableDomainAdaptation(
-        em.raw, axes="yx", class_names=("background", "mitochondria"), n_trees=args.trees, workers=args.workers
+        em.raw, axes="yx", class_names=("background", target), n_trees=args.trees, workers=args.workers
     )
     strokes = simulate_strokes({1: ~gt, 2: gt}, pixels_per_class=args.pixels, seed=args.seed)
     painted = np.zeros(gt.shape, np.uint8)
@@ -75,8 +76,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not args.no_enhancer:
         from ..models import bundled_enhancers
 
-        if "mitochondria_em2d" in bundled_enhancers():
-            wf.set_enhancer("mitochondria_em2d")
+        enhancer = f"{target}_em2d"
+        if enhancer in bundled_enhancers():
+            wf.set_enhancer(enhancer)
             t1 = time.perf_counter()
             enh = wf.request("enhanced")[..., 0]
             t_enh = time.perf_counter() - t1
@@ -87,9 +89,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "strokes": len(strokes),
         "labelled_pixels": int((painted > 0).sum()),
         "forest": {"trees": args.trees, "trainings": wf.probabilities.counters["trainings"]},
-        "forest_iou_mitochondria": round(_iou(seg == 2, gt), 4),
-        "enhanced_iou_mitochondria": enhanced_iou,
-        "enhancer": "mitochondria_em2d (bundled)" if enhanced_iou is not None else None,
+        "target": target,
+        "forest_iou": round(_iou(seg == 2, gt), 4),
+        "enhanced_iou": enhanced_iou,
+        "enhancer": f"{target}_em2d (bundled)" if enhanced_iou is not None else None,
         "enhancer_s": None if t_enh is None else round(t_enh, 3),
         "chance_iou": round(_iou(np.ones_like(gt), gt), 4),
         "first_prediction_s": round(t_first, 3),
@@ -295,11 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="tda-demo-out", help="output folder (default: %(default)s)")
     d.add_argument("--size", type=int, default=768, help="image side in pixels (default: %(default)s)")
     d.add_argument("--trees", type=int, default=100, help="forest size (default: %(default)s)")
-    d.add_argument("--pixels", type=int, default=400, help="labelled pixels per class (default: %(default)s)")
+    d.add_argument(
+        "--pixels",
+        type=int,
+        default=60,
+        help="labelled pixels per class: a few strokes, a rough forest for the enhancer (default: %(default)s)",
+    )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
     d.add_argument("--dot", action="store_true", help="also print the graph in Graphviz dot syntax")
     d.add_argument("--no-enhancer", action="store_true", help="skip the bundled enhancer")
+    d.add_argument(
+        "--target",
+        default="membranes",
+        choices=("membranes", "mitochondria"),
+        help="what to segment, with the bundled enhancer of that name (default: %(default)s)",
+    )
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a forest from an image and a sparse label image; write a project")
