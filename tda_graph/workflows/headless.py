@@ -231,7 +231,8 @@ def choose_block(ndim: int, n_channels: int, halo: int, memory: int | None, *, i
     computed per slice (``in_2d``): a side ≤ 256 in y and x, which the per-slice feature
     blocks (256²) tile exactly, so no two batch blocks compute the same feature block
     (WHY: with cubic 128³ blocks, neighbouring blocks on different workers both computed
-    the 256² feature tiles they share); z as deep as memory allows, at most 128³ voxels.
+    the 256² feature tiles they share); z as deep as memory allows, at most 2·64³ voxels
+    (small enough that the last blocks of a run keep every worker busy).
     """
     budget = memory if memory else 1 << 30
     per_voxel = (n_channels + 8) * 4 * 3  # features + temporaries + probabilities, with slack
@@ -239,7 +240,7 @@ def choose_block(ndim: int, n_channels: int, halo: int, memory: int | None, *, i
         for s in (256, 128, 64, 32, 16):
             plane = (s + 2 * halo) ** 2 * per_voxel
             if plane <= budget:
-                return (max(1, min(budget // plane, 128**3 // s**2)), s, s)
+                return (max(1, min(budget // plane, 2 * 64**3 // s**2)), s, s)
         raise BatchError(f"--memory {budget} bytes is too small for even 16x16-pixel blocks; allow more memory")
     sides = (512, 256, 128, 64, 32) if ndim == 2 else (128, 96, 64, 48, 32, 16)
     for s in sides:
