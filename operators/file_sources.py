@@ -28,6 +28,7 @@ from tda_graph import ArraySpec, Operator, Roi, SpecError, TdaError, Window
 from tda_graph.spec import AXES_ORDER
 
 __all__ = [
+    "MAX_CHUNK_BYTES",
     "FileSource",
     "Hdf5Source",
     "SourceError",
@@ -45,6 +46,25 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 
 class SourceError(TdaError, ValueError):
     """A file-backed source cannot be opened: missing file or dataset, unsupported data or format."""
+
+
+#: Largest storage chunk (HDF5 chunk, zarr chunk, TIFF strip or tile) a source accepts, in bytes.
+#: Reading any region decodes whole chunks, so metadata claiming enormous chunks (damaged or
+#: hostile files) would make a tiny request allocate that much; such files are refused at open.
+MAX_CHUNK_BYTES = 2 << 30
+
+
+def _check_chunks(where: str, chunks: Sequence[int] | None, itemsize: int, fix: str) -> None:
+    """Refuse storage chunks bigger than :data:`MAX_CHUNK_BYTES` (before anything is read)."""
+    if not chunks:
+        return
+    nbytes = int(np.prod([int(c) for c in chunks], dtype=object)) * int(itemsize)  # object: no overflow
+    if nbytes > MAX_CHUNK_BYTES:
+        raise SourceError(
+            f"{where} is stored in chunks of shape {tuple(int(c) for c in chunks)} ({nbytes / 2**30:.3g} GiB each, "
+            f"limit {MAX_CHUNK_BYTES / 2**30:.3g} GiB): reading any region would decode a whole chunk; "
+            f"the metadata may be damaged, otherwise {fix}"
+        )
 
 
 # -- axes -------------------------------------------------------------------------------------------
@@ -402,6 +422,7 @@ class Hdf5Source(FileSource):
         if meta is None and "DIMENSION_LABELS" in obj.attrs:
             meta = _axes_from_names(list(np.atleast_1d(obj.attrs["DIMENSION_LABELS"])), obj.ndim)
         self._setup(obj.shape, obj.dtype, axes, meta)
+        _check_chunks(repr(self.location), obj.chunks, obj.dtype.itemsize, "rewrite it with smaller chunks")
 
     @property
     def inner_path(self) -> str:
@@ -515,11 +536,18 @@ class ZarrSource(FileSource):
             if ax:
                 meta_axes = _axes_from_names(ax, arr.ndim)
                 channel_names = _omero_channels(dict(root.attrs))
-        if meta_axes is None:
-            meta_axes = self._array_axes(arr)
+        try:
+            if meta_axes is None:
+                meta_axes = self._array_axes(arr)
+            shape, dtype, chunks = arr.shape, arr.dtype, arr.chunks
+        except TdaError:
+            raise
+        except Exception as e:  # metadata zarr accepted at open but cannot describe (odd dtype, chunk grid)
+            raise SourceError(f"zarr array {str(self._path)!r} has unusable metadata ({type(e).__name__}: {e})") from e
         self._array = arr
         self._inner = inner
-        self._setup(arr.shape, arr.dtype, axes, meta_axes, channel_names)
+        self._setup(shape, dtype, axes, meta_axes, channel_names)
+        _check_chunks(repr(self.location), chunks, self._spec.dtype.itemsize, "rechunk it (zarr chunks of ~1-64 MiB)")
 
     def _parent_ome_axes(self, ndim: int) -> tuple[str | None, list[str]]:
         """Axes of an array opened directly inside an OME-Zarr image (``image.zarr/0``)."""
@@ -605,11 +633,21 @@ class TiffSource(FileSource):
             with tifffile.TiffFile(self._path) as tif:
                 series = tif.series[0]
                 shape, dtype, tif_axes = series.shape, series.dtype, series.axes
+                page = series.keyframe
+                chunks, n_chunks, n_stored = page.chunks, page.chunked, len(page.dataoffsets)
         except Exception as e:  # tifffile raises many types (RuntimeError, ZeroDivisionError, ...) on damaged files
             raise SourceError(
                 f"{str(self._path)!r} is not a readable TIFF file ({type(e).__name__}: {e}); check the path, "
                 "or whether the file is damaged"
             ) from e
+        expected = int(np.prod([int(n) for n in n_chunks], dtype=object))
+        if n_stored != expected:
+            # a header whose size tags disagree with its strip/tile tables (damaged, or claiming a huge image)
+            raise SourceError(
+                f"{str(self._path)!r} is a damaged TIFF: its header describes an image of shape {tuple(page.shape)} "
+                f"in {expected} strips/tiles but the file lists {n_stored}; restore the file or re-save it"
+            )
+        _check_chunks(repr(str(self._path)), chunks, np.dtype(dtype).itemsize, "re-save it tiled (e.g. 256x256 tiles)")
         meta = None
         if tif_axes and all(a in _TIFF_AXES for a in tif_axes):
             meta = _axes_from_names([_TIFF_AXES[a] for a in tif_axes], len(shape))

@@ -15,7 +15,7 @@ import networkx as nx
 import numpy as np
 
 from .cache import BlockCache, CacheManager
-from .errors import CycleError, GraphError, IncompatibleInputError, RequestCancelled, SpecError, TdaError
+from .errors import CycleError, GraphError, IncompatibleInputError, RequestCancelled, RoiError, SpecError, TdaError
 from .executor import Run
 from .listeners import DirtyEvent, ListenerList, Subscription
 from .operator import Operator, PrepareContext, dirty_output_roi
@@ -453,6 +453,7 @@ class Graph:
     def _request(self, output: Operator, roi: RoiLike, max_retries: int, cancel: threading.Event | None) -> np.ndarray:
         self._check_member(output, "request")
         r = self._as_roi(output, roi)
+        _check_result_size(output, r, self._specs[output].dtype)
         result = None
         attempts = max(0, max_retries) + 1
         for attempt in range(attempts):
@@ -639,3 +640,27 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<Graph {len(self._topo.order)} nodes, {self.workers} workers>"
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_result_size(op: Operator, roi: Roi, dtype: np.dtype) -> None:
+    """Refuse a request whose answer alone could not fit in this machine's memory.
+
+    WHY: a lazy source may describe a volume far larger than RAM; requesting all of it
+    (``request(out)`` with no region) would plan millions of blocks and then fail to
+    allocate. Say so at once instead.
+    """
+    total = _physical_memory()
+    nbytes = roi.size * np.dtype(dtype).itemsize
+    if total is not None and nbytes > total:
+        raise RoiError(
+            f"the answer for {op.label} {roi!r} would take {nbytes / 2**30:.1f} GiB, more than this machine's "
+            f"{total / 2**30:.1f} GiB of memory; request a smaller region (a viewport or block), or use "
+            "'tda predict', which works block by block"
+        )

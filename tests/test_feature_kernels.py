@@ -363,3 +363,14 @@ def test_real_data_isbi_crop() -> None:
     got = fc.compute_features(raw[..., None], sel)
     ref = ref_compute_features(raw[..., None], sel)
     assert np.all(per_channel_rel_err(got, ref) < RTOL)
+
+
+def test_read_only_float32_input_is_accepted():
+    # cached engine blocks are read-only; a float32 single-channel image reached the kernels uncopied
+    from operators.kernels import features_cpu as fc
+
+    img = np.random.default_rng(0).random((40, 48, 1)).astype(np.float32)
+    sel = [("GaussianSmoothing", 1.0), ("HessianOfGaussianEigenvalues", 1.6), ("StructureTensorEigenvalues", 0.7)]
+    ref = fc.compute_features(img, sel)
+    img.flags.writeable = False
+    np.testing.assert_array_equal(fc.compute_features(img, sel), ref)

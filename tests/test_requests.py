@@ -212,3 +212,33 @@ def test_memory_budget_evicts_lru_and_results_stay_correct():
     g.reset_stats()
     g.request(sm, Roi((192, 192), (256, 256)))
     assert g.stats(sm)["blocks_computed"] == 0
+
+
+def test_request_larger_than_memory_is_refused_before_planning():
+    import time
+
+    from operators.sources import ArraySource
+    from tda_graph import Graph, Roi, RoiError
+
+    class Huge(ArraySource):
+        """A lazy source describing 10^12 voxels (like a huge zarr volume); reads zeros."""
+
+        def __init__(self):
+            super().__init__(np.zeros((1, 1, 1), np.float32), axes="zyx")
+
+        def output_spec(self, inputs):
+            from tda_graph import ArraySpec
+
+            return ArraySpec((10_000, 10_000, 10_000), np.float32, "zyx")
+
+        def compute(self, roi, inputs):
+            return np.zeros(roi.shape, np.float32)
+
+    g = Graph(workers=1)
+    src = g.add(Huge())
+    t0 = time.perf_counter()
+    with pytest.raises(RoiError, match=r"would take 3725\.3 GiB, more than this machine's .*block by block"):
+        g.request(src)
+    assert time.perf_counter() - t0 < 1.0  # no planning of a billion blocks first
+    assert g.request(src, Roi((0, 0, 0), (2, 3, 4))).shape == (2, 3, 4)  # small regions still work
+    g.close()

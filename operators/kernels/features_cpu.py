@@ -739,6 +739,10 @@ def compute_features(
     try:
         for c in range(nch):
             src = np.ascontiguousarray(image[..., c], dtype=np.float32).reshape(shape3)
+            if not src.flags.writeable:
+                # a read-only view (e.g. a cached engine block of a float32 image): the kernels'
+                # compiled signatures take writable arrays, and numba rejects read-only ones
+                src = src.copy()
             for batch in batches:
                 idx = np.full((len(batch), 17), -1, np.int64)
                 offs = np.full((len(batch), 6), -1, np.int64)

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from operators.features import normalize_selection
 from operators.file_sources import FileSource, open_image, validate_axes
 from operators.kernels.forest_cpu import ForestArrays
 from operators.kernels.forest_io import load_forest, save_forest
-from operators.labels import LabelClass, LabelError, LabelStore
+from operators.labels import LabelClass, LabelStore
 from tda_graph import TdaError
 from tda_graph.frontends.atomic import atomic_path
 
@@ -190,12 +191,27 @@ def _host() -> str:
     return os.uname().nodename if hasattr(os, "uname") else "unknown"
 
 
+#: An empty lock older than this (seconds) is stale: see :func:`_lock_is_stale`.
+EMPTY_LOCK_STALE_S = 10.0
+
+
 def _lock_is_stale(lock: Path) -> bool:
-    """True when the lock names a process of this host that no longer exists."""
+    """True when the lock names a process of this host that no longer exists, or is empty and old."""
     try:
-        text = lock.read_text().split()
+        raw = lock.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not raw.strip():
+        # Our locks appear with their content in one step, so an empty one was left by a crash
+        # that lost the unsynced content (power loss) or by another tool; without the age check
+        # a writer of an older layout (create, then write) could be overtaken.
+        with contextlib.suppress(OSError):
+            return time.time() - lock.stat().st_mtime > EMPTY_LOCK_STALE_S
+        return False
+    try:
+        text = raw.split()
         pid, host = int(text[0]), text[1]
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         return False
     if host != _host() or host == "unknown":
         return False
@@ -482,8 +498,9 @@ def load_project(path: str | os.PathLike[str], *, check_files: bool = True) -> P
             return _load_open(f, target, check_files)
     except ProjectError:
         raise
-    except (KeyError, ValueError, TypeError, OSError, RuntimeError, LabelError) as e:
-        # h5py raises OSError / KeyError / RuntimeError on truncated or damaged internals
+    except (TdaError, KeyError, ValueError, TypeError, OSError, RuntimeError, IndexError) as e:
+        # h5py raises OSError / KeyError / RuntimeError on truncated or damaged internals; damaged
+        # attributes reach LabelStore / ProjectState as bad shapes or axes (SpecError, LabelError)
         raise ProjectError(f"project {str(target)!r} is corrupt: {e}; restore it from a backup") from e
 
 
@@ -604,7 +621,8 @@ def import_ilastik_project(path: str | os.PathLike[str]) -> ProjectState:
             return _read_ilp(f, p)
         except ProjectError:
             raise
-        except (KeyError, ValueError, TypeError, LabelError) as e:
+        except (TdaError, KeyError, ValueError, TypeError, OSError, RuntimeError, IndexError) as e:
+            # h5py raises OSError / RuntimeError on damaged internals; IndexError on short arrays
             raise ProjectError(f"ilastik project {str(p)!r} is malformed or unsupported: {e}") from e
 
 
