@@ -18,7 +18,6 @@ the target; a ``<project>.lock`` file (created exclusively) marks a save in prog
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from operators.enhancer import sha256_of
 from operators.features import normalize_selection
 from operators.file_sources import FileSource, open_image, validate_axes
 from operators.kernels.forest_cpu import ForestArrays
@@ -63,13 +63,8 @@ class ProjectLockedError(ProjectError):
     """Another process is writing the project file right now."""
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 digest of a file's contents."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+#: Hex SHA-256 digest of a file's contents (the one implementation, in operators.enhancer).
+sha256_file = sha256_of
 
 
 @dataclass(frozen=True)
