@@ -24,6 +24,7 @@ from operators import ArraySource, FeatureFilters, LabelStore, PixelClassifier
 from operators.kernels import forest_cpu
 from operators.kernels.synthetic import em_like
 from tda_graph import Graph, Roi
+from tda_graph.frontends.bench import LIVE_SELECTION
 from tda_graph.workflows.strokes import simulate_strokes
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -126,14 +127,7 @@ def main() -> None:
     a = ap.parse_args()
     n = 5 if a.quick else a.strokes
     raw, gt, name = load_2d()
-    sel = {
-        "GaussianSmoothing": [0.7, 1.6, 3.5],
-        "LaplacianOfGaussian": [1.6, 3.5],
-        "GaussianGradientMagnitude": [1.6],
-        "DifferenceOfGaussians": [1.6],
-        "StructureTensorEigenvalues": [1.6],
-        "HessianOfGaussianEigenvalues": [1.6, 3.5],
-    }
+    sel = LIVE_SELECTION  # the same 13 channels as `tda bench`
     r2 = live(raw, gt, Roi((256, 256), (768, 768)), "yx", a.trees, n, sel, a.depth)
     print(
         f"2D {name}, 512x512 viewport, {r2['channels']} feature channels, {a.trees} trees "

@@ -85,9 +85,26 @@ def saver(path: str, counter: Any, ready: Any) -> None:
             counter.value = n
 
 
+def _check_after_kill(
+    path: str, trial: int, expected: dict[Any, str], found: dict[str, int], failures: list[str]
+) -> None:
+    """The file left by a killed saver must load as state A or B: count which, or record the failure."""
+    from tda_graph.workflows.project import load_project
+
+    try:
+        fp = fingerprint(load_project(path, check_files=False))
+    except Exception as e:  # any failure to load is what this benchmark looks for
+        failures.append(f"trial {trial}: {type(e).__name__}: {e}")
+        return
+    which = expected.get(fp)
+    if which is None:
+        failures.append(f"trial {trial}: the file loads but is neither state A nor state B")
+    else:
+        found[which] += 1
+
+
 def run_trials(trials: int, seed: int = 0, workdir: str | None = None, echo: Any = None) -> dict[str, Any]:
     """Run ``trials`` kill-during-save trials; return counts and the failures (messages)."""
-    from tda_graph.workflows.project import load_project
 
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(
@@ -121,16 +138,7 @@ def run_trials(trials: int, seed: int = 0, workdir: str | None = None, echo: Any
             time.sleep(float(rng.uniform(0, 1.5 * save_seconds)))
             proc.kill()
             proc.join()
-            try:
-                fp = fingerprint(load_project(path, check_files=False))
-            except Exception as e:  # any failure to load is what this benchmark looks for
-                failures.append(f"trial {trial}: {type(e).__name__}: {e}")
-                continue
-            which = expected.get(fp)
-            if which is None:
-                failures.append(f"trial {trial}: the file loads but is neither state A nor state B")
-            else:
-                found[which] += 1
+            _check_after_kill(path, trial, expected, found, failures)
             if echo is not None and (trial + 1) % 50 == 0:
                 echo(f"  {trial + 1} trials, {len(failures)} failures")
         # after the last kill, one clean save leaves no lock and no temp files
@@ -192,7 +200,7 @@ def run_subprocess_trials(trials: int, seed: int = 0, workdir: str | None = None
     killed saver is recognised as stale (``_lock_is_stale``), so the next save
     cannot be blocked forever, and that ``load_project`` ignores leftover temp files.
     """
-    from tda_graph.workflows.project import _lock_is_stale, _lock_path, load_project, save_project
+    from tda_graph.workflows.project import _lock_is_stale, _lock_path, save_project
 
     rng = np.random.default_rng(seed)
     expected = {fingerprint(make_label_state(0)): "A", fingerprint(make_label_state(1)): "B"}
@@ -244,16 +252,7 @@ def run_subprocess_trials(trials: int, seed: int = 0, workdir: str | None = None
                 if not _lock_is_stale(lock):
                     failures.append(f"trial {trial}: the killed saver's lock {lock.read_text()!r} is not seen as stale")
             temp_files += sum(1 for p in os.listdir(tmp) if p.endswith(".tmp"))
-            try:
-                fp = fingerprint(load_project(path, check_files=False))
-            except Exception as e:  # any failure to load is what this benchmark looks for
-                failures.append(f"trial {trial}: {type(e).__name__}: {e}")
-                continue
-            which = expected.get(fp)
-            if which is None:
-                failures.append(f"trial {trial}: the file loads but is neither state A nor state B")
-            else:
-                found[which] += 1
+            _check_after_kill(path, trial, expected, found, failures)
             if echo is not None and (trial + 1) % 50 == 0:
                 echo(f"  {trial + 1} trials, {len(failures)} failures")
         # after the last kill, one clean save in this process: stale lock and temp files are gone

@@ -248,8 +248,8 @@ def test_settings_and_connection_errors(nuclei: EnhancerModel) -> None:
         g.add(Enhancer(nuclei), image=two)
 
 
-def _fake_model(tmp_path: Path, name: str, kind: str) -> Path:
-    """A copy of the nuclei package whose torchscript weights fail (``"raise"``) or return NaN (``"nan"``)."""
+def _fault_module(kind: str):
+    """A torch module that raises (``"raise"``), returns NaN (``"nan"``) or a cropped shape (``"shape"``)."""
     torch = pytest.importorskip("torch")
 
     class Raises(torch.nn.Module):
@@ -260,12 +260,21 @@ def _fake_model(tmp_path: Path, name: str, kind: str) -> Path:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * float("nan")
 
+    class WrongShape(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[..., 1:, :-2]
+
+    return {"raise": Raises, "nan": ReturnsNaN, "shape": WrongShape}[kind]()
+
+
+def _fake_model(tmp_path: Path, name: str, kind: str) -> Path:
+    """A copy of the nuclei package whose torchscript weights fail (``"raise"``) or return NaN (``"nan"``)."""
+    torch = pytest.importorskip("torch")
     d = tmp_path / name
     d.mkdir()
     for f in ("test_input.npy", "test_output.npy", "test_input.png", "test_output.png", "cover0.png", "README.md"):
         shutil.copy(NUCLEI / f, d / f)
-    module = Raises() if kind == "raise" else ReturnsNaN()
-    torch.jit.save(torch.jit.script(module), str(d / "fake.pt"))
+    torch.jit.save(torch.jit.script(_fault_module(kind)), str(d / "fake.pt"))
     sha = hashlib.sha256((d / "fake.pt").read_bytes()).hexdigest()
     text = (NUCLEI / "bioimageio.yaml").read_text()
     text = text.replace("name: UNet 2D Nuclei Broad", f"name: {name}")
@@ -617,20 +626,7 @@ def _faulty_bundled(tmp_path: Path, kind: str) -> Path:
     """The bundled package with torchscript weights that raise, return NaN, or return a cropped (wrong) shape."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("bioimageio.core")
-
-    class Raises(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            raise RuntimeError("fake failure")
-
-    class ReturnsNaN(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * float("nan")
-
-    class WrongShape(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x[..., 1:, :-2]
-
-    module = {"raise": Raises, "nan": ReturnsNaN, "shape": WrongShape}[kind]()
+    module = _fault_module(kind)
     d = tmp_path / f"faulty_{kind}"
     shutil.copytree(BUNDLED, d)
     (d / "weights_torchscript.pt").unlink()

@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = ["run_bench"]
 
-#: Feature selection of the live-update measurement (13 channels, like bench_live.py).
+#: Feature selection of the live-update measurements here and in benchmarks/bench_live.py (13 channels).
 LIVE_SELECTION = {
     "GaussianSmoothing": [0.7, 1.6, 3.5],
     "LaplacianOfGaussian": [1.6, 3.5],
