@@ -53,6 +53,14 @@ class SourceError(TdaError, ValueError):
 #: hostile files) would make a tiny request allocate that much; such files are refused at open.
 MAX_CHUNK_BYTES = 2 << 30
 
+#: Chunk-aligned cache blocks are grown (by whole chunks) to at least this size, so that
+#: files with tiny chunks are not read in tiny pieces.
+MIN_BLOCK_BYTES = 256 << 10
+
+#: Chunks larger than this do not become cache blocks (too coarse to cache); the default
+#: grid is used for them.
+MAX_BLOCK_BYTES = 64 << 20
+
 
 def _check_chunks(where: str, chunks: Sequence[int] | None, itemsize: int, fix: str) -> None:
     """Refuse storage chunks bigger than :data:`MAX_CHUNK_BYTES` (before anything is read)."""
@@ -68,6 +76,58 @@ def _check_chunks(where: str, chunks: Sequence[int] | None, itemsize: int, fix: 
 
 
 # -- axes -------------------------------------------------------------------------------------------
+
+
+def chunk_block_shape(
+    chunks: Sequence[int] | None, shape: Sequence[int], axes: str, itemsize: int
+) -> tuple[int, ...] | None:
+    """A cache grid aligned to a file's storage chunks (canonical axis order).
+
+    WHY: a read that cuts a chunk decodes all of it. With the engine's default grid
+    (64³ in 3D), a volume chunked ``(1, 512, 512)`` was decoded 20 times per block (the
+    block spans 20 slices) and again for each of the 64 blocks a chunk touches; a grid of
+    whole chunks decodes each chunk once.
+
+    Parameters
+    ----------
+    chunks, shape : sequence of int
+        Storage chunk shape and array shape, both in ``axes`` order.
+    axes : str
+        Canonical axes (``"tzyxc"`` order).
+    itemsize : int
+        Bytes per element.
+
+    Returns
+    -------
+    tuple of int or None
+        Whole channels, one time point, and per spatial axis a multiple of the chunk
+        (clipped to the axis), grown from the last axis until the block holds at least
+        :data:`MIN_BLOCK_BYTES`; ``None`` (engine default) for unchunked storage or
+        chunks over :data:`MAX_BLOCK_BYTES`.
+    """
+    if not chunks or len(chunks) != len(shape):
+        return None
+    block = []
+    for a, c, n in zip(axes, chunks, shape):
+        if a == "c":
+            block.append(int(n))
+        elif a == "t":
+            block.append(1)
+        else:
+            block.append(max(1, min(int(c), int(n))))
+    if int(np.prod(block, dtype=object)) * itemsize > MAX_BLOCK_BYTES:
+        return None
+    spatial = [i for i, a in enumerate(axes) if a in "zyx"]
+    base = list(block)
+    grown = True
+    while int(np.prod(block, dtype=object)) * itemsize < MIN_BLOCK_BYTES and grown:
+        grown = False
+        for i in reversed(spatial):  # x first, then y, then z: planes before slabs
+            if block[i] < shape[i]:
+                block[i] = min(int(shape[i]), block[i] + base[i])
+                grown = True
+                break
+    return tuple(block)
 
 
 def validate_axes(axes: str, shape: Sequence[int], where: str = "the image") -> str:
@@ -241,6 +301,7 @@ class FileSource(Operator):
         axes: str | None,
         meta_axes: str | None,
         channel_names: Sequence[str] = (),
+        chunks: Sequence[int] | None = None,
     ) -> None:
         where = f"{self.location!r}"
         dt = np.dtype(dtype)
@@ -258,8 +319,10 @@ class FileSource(Operator):
         self._perm = tuple(stored.index(a) for a in canon)  # canonical axis i = stored axis perm[i]
         cshape = tuple(shape[j] for j in self._perm)
         names = tuple(channel_names) if "c" in canon and len(channel_names) == cshape[canon.index("c")] else ()
+        cchunks = None if not chunks or len(chunks) != len(shape) else tuple(int(chunks[j]) for j in self._perm)
+        block = chunk_block_shape(cchunks, cshape, canon, dt.itemsize)
         try:
-            self._spec = ArraySpec(cshape, dt.newbyteorder("="), canon, names)
+            self._spec = ArraySpec(cshape, dt.newbyteorder("="), canon, names, block_shape=block)
         except SpecError as e:
             raise SpecError(f"{where}: {e}") from e
 
@@ -421,7 +484,7 @@ class Hdf5Source(FileSource):
                 meta = None
         if meta is None and "DIMENSION_LABELS" in obj.attrs:
             meta = _axes_from_names(list(np.atleast_1d(obj.attrs["DIMENSION_LABELS"])), obj.ndim)
-        self._setup(obj.shape, obj.dtype, axes, meta)
+        self._setup(obj.shape, obj.dtype, axes, meta, chunks=obj.chunks)
         _check_chunks(repr(self.location), obj.chunks, obj.dtype.itemsize, "rewrite it with smaller chunks")
 
     @property
@@ -546,7 +609,7 @@ class ZarrSource(FileSource):
             raise SourceError(f"zarr array {str(self._path)!r} has unusable metadata ({type(e).__name__}: {e})") from e
         self._array = arr
         self._inner = inner
-        self._setup(shape, dtype, axes, meta_axes, channel_names)
+        self._setup(shape, dtype, axes, meta_axes, channel_names, chunks=chunks)
         _check_chunks(repr(self.location), chunks, self._spec.dtype.itemsize, "rechunk it (zarr chunks of ~1-64 MiB)")
 
     def _parent_ome_axes(self, ndim: int) -> tuple[str | None, list[str]]:

@@ -18,6 +18,7 @@ from operators.file_sources import (
     SourceError,
     TiffSource,
     ZarrSource,
+    chunk_block_shape,
     open_image,
     parse_image_spec,
     validate_axes,
@@ -82,6 +83,38 @@ def test_hdf5_reads_only_the_roi(tmp_path: Path, img3d: np.ndarray, monkeypatch:
     monkeypatch.setattr(Hdf5Source, "_read", spy)
     g.request(src, Roi((2, 3, 4), (4, 10, 12)))
     assert seen == [(slice(2, 4), slice(3, 10), slice(4, 12))]
+
+
+@pytest.mark.parametrize(
+    ("chunks", "shape", "axes", "itemsize", "expected"),
+    [
+        ((1, 512, 512), (20, 1024, 1024), "zyx", 1, (1, 512, 512)),  # a chunk is a good block already
+        ((1, 64, 64), (20, 1024, 1024), "zyx", 1, (1, 256, 1024)),  # tiny chunks: whole chunks, x then y
+        ((4, 32, 32), (8, 40, 40), "zyx", 2, (8, 40, 40)),  # growth stops at the array
+        ((512, 512, 3), (600, 700, 3), "yxc", 4, (512, 512, 3)),  # whole channels
+        ((1, 2048, 4096), (1, 4096, 4096), "tyx", 16, None),  # 128 MiB chunks: too coarse, engine default
+        (None, (10, 10), "yx", 1, None),  # contiguous storage: engine default
+    ],
+)
+def test_chunk_block_shape(chunks, shape, axes, itemsize, expected) -> None:
+    assert chunk_block_shape(chunks, shape, axes, itemsize) == expected
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_zarr_cache_grid_follows_chunks(tmp_path: Path, fmt: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A per-slice request must decode each touched chunk once, not once per default-grid block.
+    data = np.random.default_rng(1).integers(0, 255, (12, 600, 600)).astype(np.uint8)
+    zarr.create_array(tmp_path / "v.zarr", data=data, chunks=(1, 256, 256), zarr_format=fmt)
+    src = ZarrSource(tmp_path / "v.zarr")
+    g = _graph_of(src)
+    assert g.block_shape(src) == (1, 512, 600)  # whole chunks, grown to >= 256 KiB
+    reads: list[tuple[slice, ...]] = []
+    orig = ZarrSource._read
+    monkeypatch.setattr(ZarrSource, "_read", lambda self, sl: reads.append(sl) or orig(self, sl))
+    out = g.request(src, Roi((5, 10, 10), (6, 590, 590)))
+    np.testing.assert_array_equal(out, data[5:6, 10:590, 10:590])
+    assert all(sl[0] == slice(5, 6) for sl in reads)  # only the requested slice is read
+    assert sorted(sl[1].start for sl in reads) == [0, 512]  # one read per chunk-aligned block
 
 
 def test_hdf5_ilastik_axistags_and_transpose(tmp_path: Path) -> None:
