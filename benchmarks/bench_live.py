@@ -59,7 +59,9 @@ def load_3d() -> tuple[np.ndarray, np.ndarray, str]:
     return em.raw, em.membranes, "synthetic EM 192³ (membranes)"
 
 
-def live(raw, gt, viewport: Roi, axes: str, trees: int, n_strokes: int, selection, depth: int | None = None) -> dict:
+def live(
+    raw, gt, viewport: Roi, axes: str, trees: int, n_strokes: int, selection, depth: int | None = None, keep=False
+) -> dict:
     g = Graph()
     src = g.add(ArraySource(raw, axes=axes))
     feats = g.add(FeatureFilters(selection), image=src)
@@ -87,6 +89,12 @@ def live(raw, gt, viewport: Roi, axes: str, trees: int, n_strokes: int, selectio
         lab.paint(s.roi, s.mask, s.label)
         g.request(clf, out_roi)
         lat.append(time.perf_counter() - t0)
+    kept = {}
+    if keep:  # the final training set and the viewport's features, for forest_speed_live
+        labels = g.request(lab, Roi((0,) * raw.ndim, raw.shape))
+        mask = labels > 0
+        full = g.request(feats, Roi((0,) * raw.ndim + (0,), raw.shape + (feats.spec.shape[-1],)))
+        kept = {"X": full[mask], "y": labels[mask], "viewport_features": g.request(feats, fvp)}
     g.close()
     lat.sort()
     return {
@@ -96,26 +104,53 @@ def live(raw, gt, viewport: Roi, axes: str, trees: int, n_strokes: int, selectio
         "samples": clf.counters["training_samples"],
         "n": len(lat),
         "channels": feats.spec.shape[-1],
+        **kept,
     }
 
 
+def _race(clf, X: np.ndarray, repeat: int = 5) -> dict:
+    """Median seconds of our kernel and of sklearn's ``predict_proba`` (n_jobs=-1) on ``X``, alternating."""
+    arrays = forest_cpu.forest_arrays_from_sklearn(clf)
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    forest_cpu.predict_proba(arrays, X[:1000])  # compile / warm
+    ours_t, sk_t = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        ours = forest_cpu.predict_proba(arrays, X)
+        ours_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ref = clf.predict_proba(X)
+        sk_t.append(time.perf_counter() - t0)
+    t_ours, t_sk = statistics.median(ours_t), statistics.median(sk_t)
+    depth = statistics.mean(e.tree_.max_depth for e in clf.estimators_)
+    return {
+        "ours_s": t_ours,
+        "sklearn_s": t_sk,
+        "ratio": t_sk / t_ours,
+        "max_diff": float(np.abs(ours - ref).max()),
+        "n": X.shape[0],
+        "depth": depth,
+        "nodes": arrays.n_nodes,
+    }
+
+
+def forest_speed_live(trees: int, X: np.ndarray, y: np.ndarray, viewport_features: np.ndarray) -> dict:
+    """The forest a user's strokes give (the 2D run's training set), predicting the viewport."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    clf = RandomForestClassifier(n_estimators=trees, random_state=0, n_jobs=-1).fit(X, y)
+    return _race(clf, viewport_features.reshape(-1, viewport_features.shape[-1]))
+
+
 def forest_speed(trees: int, n: int) -> dict:
+    """A deep forest on noisy random data, predicting random rows (no spatial coherence)."""
     from sklearn.ensemble import RandomForestClassifier
 
     rng = np.random.default_rng(0)
     Xtr = rng.normal(size=(3000, 24)).astype(np.float32)
     ytr = (Xtr[:, 0] + 0.5 * Xtr[:, 1] ** 2 + rng.normal(0, 0.5, 3000) > 0.5).astype(int) + 1
     clf = RandomForestClassifier(n_estimators=trees, random_state=0, n_jobs=-1).fit(Xtr, ytr)
-    arrays = forest_cpu.forest_arrays_from_sklearn(clf)
-    X = rng.normal(size=(n, 24)).astype(np.float32)
-    forest_cpu.predict_proba(arrays, X[:1000])  # compile / warm
-    t0 = time.perf_counter()
-    ours = forest_cpu.predict_proba(arrays, X)
-    t_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ref = clf.predict_proba(X)
-    t_sk = time.perf_counter() - t0
-    return {"ours_s": t_ours, "sklearn_s": t_sk, "ratio": t_sk / t_ours, "max_diff": float(np.abs(ours - ref).max())}
+    return _race(clf, rng.normal(size=(n, 24)).astype(np.float32), repeat=3)
 
 
 def main() -> None:
@@ -128,7 +163,7 @@ def main() -> None:
     n = 5 if a.quick else a.strokes
     raw, gt, name = load_2d()
     sel = LIVE_SELECTION  # the same 13 channels as `tda bench`
-    r2 = live(raw, gt, Roi((256, 256), (768, 768)), "yx", a.trees, n, sel, a.depth)
+    r2 = live(raw, gt, Roi((256, 256), (768, 768)), "yx", a.trees, n, sel, a.depth, keep=True)
     print(
         f"2D {name}, 512x512 viewport, {r2['channels']} feature channels, {a.trees} trees "
         f"(max_depth {a.depth}), {r2['n']} strokes "
@@ -143,11 +178,14 @@ def main() -> None:
         f"(features cached in {r3['features_s']:.2f} s first): median {r3['median_ms']:.0f} ms, "
         f"p90 {r3['p90_ms']:.0f} ms, {r3['samples']} training samples at the end"
     )
+    fl = forest_speed_live(a.trees, r2["X"], r2["y"], r2["viewport_features"])
     fs = forest_speed(a.trees, 200_000 if a.quick else 1_000_000)
-    print(
-        f"forest prediction, {a.trees} trees, 24 features: ours {fs['ours_s']:.3f} s, sklearn predict_proba "
-        f"{fs['sklearn_s']:.3f} s -> {fs['ratio']:.1f}x (max |diff| {fs['max_diff']:.1e})"
-    )
+    for what, f in (("the 2D run's forest on its 512x512 viewport", fl), ("deep forest on random rows", fs)):
+        print(
+            f"forest prediction, {what} ({a.trees} trees, mean depth {f['depth']:.1f}, {f['nodes']} split nodes, "
+            f"{f['n']} samples): ours {f['ours_s'] * 1e3:.0f} ms, sklearn predict_proba (n_jobs=-1) "
+            f"{f['sklearn_s'] * 1e3:.0f} ms -> {f['ratio']:.2f}x (max |diff| {f['max_diff']:.1e}; medians, alternating)"
+        )
 
 
 if __name__ == "__main__":

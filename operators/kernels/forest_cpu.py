@@ -2,7 +2,7 @@
 
 A fitted :class:`sklearn.ensemble.RandomForestClassifier` (or ``ExtraTreesClassifier``)
 is flattened once into plain arrays (:class:`ForestArrays`); :func:`predict_proba`
-evaluates them with a parallel numba kernel and reproduces sklearn's
+evaluates them with a parallel numba kernel (one tree at a time over long runs of samples) and reproduces sklearn's
 ``predict_proba`` to about 1e-7 on float32 inputs, including NaN routing.
 
 Node encoding
@@ -37,13 +37,10 @@ __all__ = [
 #: Version of the array layout (also written to HDF5 by :mod:`forest_io`).
 FORMAT_VERSION = 1
 
-#: Samples per block of the CPU kernel.  A block's rows of X (block * n_features * 4
-#: bytes, ~100 KB for 512 x 48) stay in L2 while all trees walk over them.
-DEFAULT_BLOCK = 512
-
-#: Fraction of a block still walking below which the kernel stops lock-stepping the
-#: whole block and compacts the stragglers (measured best among 0.05 / 0.15 / 0.3).
-_SWITCH_FRAC = 0.3
+#: Samples per parallel block of the CPU kernel.  Long runs of one tree keep the branch
+#: predictor trained on it (measured: 256 -> 16384 samples is 1.45x faster on EM
+#: features; larger gives nothing more).
+DEFAULT_BLOCK = 16384
 
 _MGL_BIT = np.int32(-(2**31))  # sign bit of the packed feature word = missing-go-left
 
@@ -152,8 +149,8 @@ class ForestArrays:
 
     def __post_init__(self) -> None:
         self._validate()
-        # Pack each node into one 16-byte record [feature|mgl<<31, thr bits, left,
-        # right] so a step of the walk touches a single cache line instead of four.
+        # The GPU kernel packs each node into one 16-byte record [feature|mgl<<31, thr
+        # bits, left, right]: one memory transaction per step of a walk.
         packed = np.empty((self.n_nodes, 4), dtype=np.int32)
         packed[:, 0] = self.feature | np.where(self.missing_go_left, _MGL_BIT, 0)
         packed[:, 1] = self.threshold.view(np.int32)
@@ -383,85 +380,50 @@ def forest_arrays_from_trees(trees: Any, classes: np.ndarray, n_features: int) -
 # ---------------------------------------------------------------------- kernel
 @njit(parallel=True, nogil=True, cache=True)
 def _predict_kernel(
-    x_flat: np.ndarray,
-    n_features: int,
-    nodes: np.ndarray,
+    X: np.ndarray,
+    feature: np.ndarray,
     thr: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    mgl: np.ndarray,
     roots: np.ndarray,
     leaf_value: np.ndarray,
     block: int,
-    switch_frac: float,
     out: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
-    # x_flat: C-order X raveled; nodes/thr: packed records raveled (int32 / float32
-    # views of one buffer, 4 words per node) -- flat indexing keeps the address math
-    # to one multiply-add per gather.
-    n = x_flat.shape[0] // n_features
+    n = X.shape[0]
     n_classes = leaf_value.shape[1]
     n_trees = roots.shape[0]
     n_blocks = (n + block - 1) // block
     for b in prange(n_blocks):
         start = b * block
-        m = min(n, start + block) - start
-        base = start * n_features
-        node = np.empty(m, np.int32)
-        active = np.empty(m, np.int32)
+        stop = min(n, start + block)
         # float64 accumulator: summing 100 float32 probabilities in float32 can drift
         # by a few 1e-6; float64 keeps us ~1e-8 from sklearn's float64 average.
-        acc = np.zeros((m, n_classes), np.float64)
-        switch = int(m * switch_frac)
-        # Tree-major inside a block: one tree's nodes stay hot in L1/L2 while every
-        # sample of the block walks it; the independent samples of the inner loops
-        # keep many gathers in flight instead of one dependent chain per sample.
+        acc = np.zeros((stop - start, n_classes), np.float64)
+        # Tree-major over a long run of samples in image order: neighbouring pixels
+        # mostly take the same path, so the branch predictor learns one tree's
+        # splits and the walk runs ahead speculatively. Measured on EM features this
+        # beats a branch-free lock-step walk 1.5-2x (which pays every level of every
+        # sample); separate per-field arrays beat 16-byte packed node records here.
         for t in range(n_trees):
             r = roots[t]
-            for i in range(m):
-                node[i] = r
-            n_active = m if r >= 0 else 0
-            # Phase 1: lock-step levels over the whole block, branch-free (finished
-            # samples hold a negative leaf ref and re-read node 0 harmlessly), while
-            # most samples are still walking.
-            while n_active > switch:
-                n_active = 0
-                for i in range(m):
-                    cur = node[i]
-                    nd = max(cur, 0) * 4
-                    word = nodes[nd]
-                    x = x_flat[base + i * n_features + (word & 0x7FFFFFFF)]
-                    # NaN never compares <=; it goes where sklearn's missing_go_to_left
-                    # (the sign bit of word) says.
-                    go_left = (x <= thr[nd + 1]) | ((x != x) & (word < 0))
-                    nxt = nodes[nd + 3 - np.int32(go_left)]
-                    nxt = nxt if cur >= 0 else cur
-                    node[i] = nxt
-                    n_active += nxt >= 0
-            # Phase 2: the few deep stragglers, compacted each level so the cost is
-            # their path length, not block size x remaining depth.
-            if n_active > 0:
-                n_active = 0
-                for i in range(m):
-                    active[n_active] = i
-                    n_active += node[i] >= 0
-                while n_active > 0:
-                    k2 = 0
-                    for k in range(n_active):
-                        i = active[k]
-                        nd = node[i] * 4
-                        word = nodes[nd]
-                        x = x_flat[base + i * n_features + (word & 0x7FFFFFFF)]
-                        go_left = (x <= thr[nd + 1]) | ((x != x) & (word < 0))
-                        nxt = nodes[nd + 3 - np.int32(go_left)]
-                        node[i] = nxt
-                        active[k2] = i
-                        k2 += nxt >= 0
-                    n_active = k2
-            for i in range(m):
-                leaf = ~node[i]
+            for i in range(start, stop):
+                cur = r
+                while cur >= 0:
+                    x = X[i, feature[cur]]
+                    if x <= thr[cur]:
+                        cur = left[cur]
+                    elif x != x and mgl[cur]:  # NaN never compares <=: sklearn's missing_go_to_left
+                        cur = left[cur]
+                    else:
+                        cur = right[cur]
+                leaf = ~cur
                 for c in range(n_classes):
-                    acc[i, c] += leaf_value[leaf, c]
-        for i in range(m):
+                    acc[i - start, c] += leaf_value[leaf, c]
+        for i in range(start, stop):
             for c in range(n_classes):
-                out[start + i, c] = acc[i, c] / n_trees
+                out[i, c] = acc[i - start, c] / n_trees
 
 
 def predict_proba(
@@ -517,19 +479,16 @@ def predict_proba(
         raise ValueError(f"block must be >= 1, got {block}")
     if X.shape[0] == 0:
         return out
-    packed = arrays.packed_nodes
-    if packed.shape[0] == 0:  # every tree is a single leaf: keep indexing valid
-        packed = np.zeros((1, 4), dtype=np.int32)
-    flat = packed.ravel()
     _predict_kernel(
-        X.ravel(),
-        X.shape[1],
-        flat,
-        flat.view(np.float32),
+        X,
+        arrays.feature,
+        arrays.threshold,
+        arrays.left,
+        arrays.right,
+        arrays.missing_go_left,
         arrays.roots,
         arrays.leaf_value,
         int(block),
-        _SWITCH_FRAC,
         out,
     )
     return out
