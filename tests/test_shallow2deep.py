@@ -47,6 +47,38 @@ def test_forest_pairs_are_seeded() -> None:
         np.testing.assert_array_equal(x.probability, y.probability)
 
 
+def test_bin_means_blocks() -> None:
+    a = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    np.testing.assert_array_equal(s2d._bin(a, 2), [[2.5, 4.5], [10.5, 12.5]])
+    assert s2d._bin(a, 1).dtype == np.float32
+
+
+def test_forest_pairs_at_coarser_scales() -> None:
+    # factor 2: crops of the 2x-binned slice; the target is the majority of each 2x2 block
+    im = em_like((200, 200), seed=5)
+    pairs = s2d.make_forest_predictions(
+        [im.raw], [im.mitochondria], 6, patch=48, crop=64, n_trees=3, seed=1, scales=(1, 2)
+    )
+    assert {p.probability.shape for p in pairs} == {(64, 64)}
+    seen = set()
+    for p in pairs:
+        _, z, y0, x0 = p.source
+        binned = s2d._bin(im.mitochondria > 0, 2)[y0 : y0 + 64, x0 : x0 + 64] >= 0.5
+        full = (im.mitochondria > 0)[y0 : y0 + 64, x0 : x0 + 64]
+        match = {f for f, t in ((1, full), (2, binned)) if np.array_equal(p.target > 0, t)}
+        assert match
+        seen |= match
+    assert seen == {1, 2}
+    with pytest.raises(ValueError, match="integer downsampling factors"):
+        s2d.make_forest_predictions([im.raw], [im.mitochondria], 1, scales=(0,))
+
+
+def test_cli_scales_option() -> None:
+    assert s2d._parse_scales("1,2,4") == [1, 2, 4]
+    with pytest.raises(s2d.SettingsError, match="--scales 'x'"):
+        s2d._parse_scales("x")
+
+
 def _tiny_trained(pairs: list[s2d.ForestPair], seed: int) -> tuple[object, list[float]]:
     torch.manual_seed(seed)
     model = s2d.build_unet(depth=2, width=4)

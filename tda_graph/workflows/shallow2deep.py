@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from tda_graph.errors import SettingsError
+
 __all__ = [
     "SHALLOW2DEEP_FEATURES",
     "ForestPair",
@@ -194,6 +196,14 @@ def forest_probability(
     return np.clip(proba[..., col], 0.0, 1.0).astype(np.float32)
 
 
+def _bin(a: np.ndarray, f: int) -> np.ndarray:
+    """Mean of each ``f x f`` block of a 2D array whose sides are multiples of ``f`` (float32)."""
+    if f == 1:
+        return a.astype(np.float32)
+    h, w = a.shape
+    return a.reshape(h // f, f, w // f, f).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
+
+
 def make_forest_predictions(
     images: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
@@ -205,6 +215,7 @@ def make_forest_predictions(
     min_foreground: float = 0.005,
     seed: int = 0,
     features: Sequence[tuple[str, float]] = SHALLOW2DEEP_FEATURES,
+    scales: Sequence[int] = (1,),
     log: Callable[[str], None] | None = None,
 ) -> list[ForestPair]:
     """Train ``n_forests`` small forests on random sparse labels; return their predictions.
@@ -237,6 +248,11 @@ def make_forest_predictions(
         Everything (crop positions, labels, forests) is derived from it.
     features : sequence of (feature id, sigma)
         ilastik features.
+    scales : sequence of int
+        Integer downsampling factors; each forest picks one at random and sees its
+        slice binned by it (raw: mean of each f x f block; ground truth: majority).
+        Factors above 1 show the network thinner membranes and smaller objects, as
+        in data of a coarser pixel size.
     log : callable, optional
         Receives progress lines.
 
@@ -255,26 +271,33 @@ def make_forest_predictions(
         if s.shape != g.shape:
             raise ValueError(f"image and mask shapes differ: {s.shape} vs {g.shape}")
     crop = 2 * patch if crop is None else int(crop)
+    scales = [int(f) for f in scales]
+    if not scales or min(scales) < 1:
+        raise ValueError(f"scales must be integer downsampling factors >= 1, got {scales}")
     rng = np.random.default_rng(seed)
     pairs: list[ForestPair] = []
     t0 = time.perf_counter()
     for k in range(int(n_forests)):
+        f = scales[int(rng.integers(len(scales)))] if len(scales) > 1 else scales[0]
         for _attempt in range(20):
             i = int(rng.integers(len(stacks)))
             z = int(rng.integers(stacks[i].shape[0]))
-            h, w = stacks[i].shape[1:]
+            h, w = (n // f for n in stacks[i].shape[1:])
+            if min(h, w) < 1:
+                raise ValueError(f"slices of shape {stacks[i].shape[1:]} are smaller than the scale factor {f}")
             ch, cw = min(crop, h), min(crop, w)
             y0, x0 = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
             ph, pw = min(patch, ch), min(patch, cw)
             py, px = int(rng.integers(ch - ph + 1)), int(rng.integers(cw - pw + 1))
-            target = gts[i][z, y0 : y0 + ch, x0 : x0 + cw] > 0
+            region = (slice(y0 * f, (y0 + ch) * f), slice(x0 * f, (x0 + cw) * f))
+            target = _bin(gts[i][z][region] > 0, f) >= 0.5
             window = (slice(py, py + ph), slice(px, px + pw))
             frac = float(target[window].mean())
             if min_foreground <= frac <= 1 - min_foreground:
                 break
         else:
             raise ValueError("could not find a patch with both classes; check the masks")
-        raw = stacks[i][z, y0 : y0 + ch, x0 : x0 + cw]
+        raw = stacks[i][z][region] if f == 1 else _bin(stacks[i][z][region], f)
         labels = _sparse_labels(target, window, rng)
         feats = features_cpu.compute_features(raw[..., np.newaxis], list(features))
         prob = forest_probability(raw, labels, n_trees=n_trees, seed=int(rng.integers(2**31)), feature_image=feats)
@@ -689,6 +712,7 @@ def train_enhancer(
     halo: int = 16,
     min_size: int = 64,
     test_size: int = 128,
+    scales: Sequence[int] = (1,),
     time_limit_s: float | None = None,
     checkpoint: str | Path | None = None,
     threads: int | None = 1,
@@ -746,7 +770,7 @@ def train_enhancer(
     try:
         t0 = time.perf_counter()
         pairs = make_forest_predictions(
-            images, masks, n_forests, patch=label_patch, crop=crop, n_trees=n_trees, seed=seed, log=log
+            images, masks, n_forests, patch=label_patch, crop=crop, n_trees=n_trees, seed=seed, scales=scales, log=log
         )
         t_forest = time.perf_counter() - t0
         torch.manual_seed(seed)
@@ -778,6 +802,7 @@ def train_enhancer(
             "depth": depth,
             "width": width,
             "n_trees": n_trees,
+            "scales": [int(f) for f in scales],
             "features": [list(f) for f in SHALLOW2DEEP_FEATURES],
             "final_loss": float(np.mean(losses[-50:])),
             "forest_seconds": round(t_forest, 1),
@@ -855,6 +880,16 @@ def _parse_slices(text: str) -> list[int]:
     return sorted(set(idx))
 
 
+def _parse_scales(text: str) -> list[int]:
+    try:
+        out = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise SettingsError(f"--scales {text!r}: give integer downsampling factors >= 1, e.g. 1,2,4")
+    return out
+
+
 def cmd_train_enhancer(args: argparse.Namespace) -> int:
     """Body of ``tda train-enhancer``; returns the exit code."""
     raw = read_stack(args.images, args.slices)
@@ -872,6 +907,7 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
         depth=args.depth,
         width=args.width,
         time_limit_s=args.time_limit,
+        scales=_parse_scales(args.scales),
         checkpoint=args.checkpoint,
         threads=args.threads,
         run_test=not args.no_test,
@@ -908,6 +944,11 @@ def add_train_enhancer_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--depth", type=int, default=3, help="U-Net depth (default 3)")
     p.add_argument("--width", type=int, default=16, help="U-Net first-level channels (default 16)")
+    p.add_argument(
+        "--scales",
+        default="1",
+        help="downsampling factors the forests see, e.g. 1,2,4 (robustness to pixel size; default 1)",
+    )
     p.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
     p.add_argument("--checkpoint", default=None, help="training checkpoint file")
     p.add_argument("--threads", type=int, default=1, help="torch threads during training (default 1)")
