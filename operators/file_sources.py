@@ -698,6 +698,7 @@ class TiffSource(FileSource):
                 shape, dtype, tif_axes = series.shape, series.dtype, series.axes
                 page = series.keyframe
                 chunks, n_chunks, n_stored = page.chunks, page.chunked, len(page.dataoffsets)
+                page_shape = tuple(page.shape)
         except Exception as e:  # tifffile raises many types (RuntimeError, ZeroDivisionError, ...) on damaged files
             raise SourceError(
                 f"{str(self._path)!r} is not a readable TIFF file ({type(e).__name__}: {e}); check the path, "
@@ -714,7 +715,10 @@ class TiffSource(FileSource):
         meta = None
         if tif_axes and all(a in _TIFF_AXES for a in tif_axes):
             meta = _axes_from_names([_TIFF_AXES[a] for a in tif_axes], len(shape))
-        self._setup(shape, dtype, axes, meta)
+        # pages (and their strips or tiles) are the storage chunks of a stack
+        lead = len(shape) - len(page_shape)
+        whole = lead >= 0 and tuple(shape[lead:]) == page_shape and len(chunks) == len(page_shape)
+        self._setup(shape, dtype, axes, meta, chunks=(1,) * lead + tuple(chunks) if whole else None)
 
     def _read(self, slices: tuple[slice, ...]) -> Any:
         import tifffile

@@ -117,6 +117,19 @@ def test_zarr_cache_grid_follows_chunks(tmp_path: Path, fmt: int, monkeypatch: p
     assert sorted(sl[1].start for sl in reads) == [0, 512]  # one read per chunk-aligned block
 
 
+def test_tiff_stack_cache_grid_follows_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = np.random.default_rng(2).integers(0, 255, (6, 600, 600)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "s.tif", data, tile=(128, 128))
+    src = TiffSource(tmp_path / "s.tif")
+    g = _graph_of(src)
+    assert g.block_shape(src) == (1, 512, 600)  # whole tiles of one page, not (6, 64, 64)
+    reads: list[tuple[slice, ...]] = []
+    orig = TiffSource._read
+    monkeypatch.setattr(TiffSource, "_read", lambda self, sl: reads.append(sl) or orig(self, sl))
+    np.testing.assert_array_equal(g.request(src, Roi((4, 0, 0), (5, 600, 600))), data[4:5])
+    assert reads and all(sl[0] == slice(4, 5) for sl in reads)
+
+
 def test_hdf5_ilastik_axistags_and_transpose(tmp_path: Path) -> None:
     data = np.random.default_rng(1).random((2, 20, 30)).astype(np.float32)  # stored c, y, x
     tags = {"axes": [{"key": k, "typeFlags": 0} for k in "cyx"]}
