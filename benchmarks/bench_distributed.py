@@ -87,18 +87,10 @@ def _cpu_by_process(exclude: list[int]) -> dict[tuple[int, str], float]:
     return out
 
 
-def other_cpu(workers: list[int], before: dict | None = None) -> float | dict:
-    """CPU seconds used by every process except the workers (since ``before``)."""
-    now = _cpu_by_process(workers)
-    if before is None:
-        return now
-    return sum(v - before.get(k, 0.0) for k, v in now.items())
-
-
-def other_top(workers: list[int], before: dict) -> str:
-    now = _cpu_by_process(workers)
-    used = sorted(((v - before.get(k, 0.0), k) for k, v in now.items()), reverse=True)[:3]
-    return "; ".join(f"{k[1]!r} {c:.1f} s" for c, k in used)
+def other_cpu(before: dict[tuple[int, str], float], now: dict[tuple[int, str], float]) -> tuple[float, str]:
+    """CPU seconds of the other processes between two :func:`_cpu_by_process` snapshots, and the top three."""
+    used = sorted(((v - before.get(k, 0.0), k) for k, v in now.items()), reverse=True)
+    return sum(c for c, _ in used), "; ".join(f"{k[1]!r} {c:.1f} s" for c, k in used[:3])
 
 
 def drop_block_caches() -> None:
@@ -124,7 +116,7 @@ class Cluster:
         """One timed prediction into ``out``; throughput, peak RSS and CPU share per worker."""
         self.client.run(drop_block_caches)  # repeated runs must not reuse an earlier run's blocks
         cpu0 = [sum(psutil.Process(p).cpu_times()[:2]) for p in self.pids]
-        others0 = other_cpu(self.pids)
+        others0 = _cpu_by_process(self.pids)
         peaks: dict[int, int] = {}
         stop = threading.Event()
         sampler = threading.Thread(target=sample_rss, args=(self.pids, stop, peaks))
@@ -140,7 +132,7 @@ class Cluster:
         )
         dt = time.perf_counter() - t0
         cpu = [sum(psutil.Process(p).cpu_times()[:2]) - c for p, c in zip(self.pids, cpu0)]
-        others = other_cpu(self.pids, others0)
+        others, top = other_cpu(others0, _cpu_by_process(self.pids))
         stop.set()
         sampler.join()
         mvox = voxels / dt / 1e6
@@ -149,7 +141,7 @@ class Cluster:
             f"{self.n} worker(s): {r['blocks']} blocks in {dt:.1f} s = {mvox:.2f} Mvoxel/s; "
             f"peak RSS per worker {', '.join(f'{m:.0f}' for m in rss)} MiB; "
             f"CPU busy per worker {', '.join(f'{c / dt:.0%}' for c in cpu)} of the wall time; "
-            f"other processes {others / dt:.0%} of a core (top: {other_top(self.pids, others0)})",
+            f"other processes {others / dt:.0%} of a core (top: {top})",
             flush=True,
         )
         return {"seconds": dt, "mvox_per_s": mvox, "peak_rss_mib": rss, "cpu_s": cpu}

@@ -2,8 +2,9 @@
 
 A fitted :class:`sklearn.ensemble.RandomForestClassifier` (or ``ExtraTreesClassifier``)
 is flattened once into plain arrays (:class:`ForestArrays`); :func:`predict_proba`
-evaluates them with a parallel numba kernel (one tree at a time over long runs of samples) and reproduces sklearn's
-``predict_proba`` to about 1e-7 on float32 inputs, including NaN routing.
+evaluates them with a parallel numba kernel (one tree at a time over long runs of
+samples) and reproduces sklearn's ``predict_proba`` to about 1e-7 on float32 inputs,
+including NaN routing.
 
 Node encoding
 -------------
