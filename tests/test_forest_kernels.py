@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -13,6 +14,7 @@ from operators.kernels import forest_gpu
 from operators.kernels.forest_cpu import (
     ForestArrays,
     forest_arrays_from_sklearn,
+    forest_arrays_from_trees,
     predict_proba,
     predict_proba_image,
     round_threshold_down,
@@ -159,6 +161,19 @@ def test_nan_inputs_follow_sklearn_missing_value_routing():
     check_equal(clf_nan, X_test)
 
 
+def test_nan_in_some_blocks_only():
+    # Blocks with NaN take the branchy walk (missing_go_to_left), the others the
+    # lock-step walk: one call mixing both must still equal sklearn everywhere.
+    X, y = make_data(21, 3)
+    rng = np.random.default_rng(2)
+    X[rng.random(X.shape) < 0.05] = np.nan
+    clf = RandomForestClassifier(30, random_state=0).fit(X, y)
+    X_test, _ = make_data(22, 3, n=1000)
+    X_test[[5, 6, 700], [0, 2, 1]] = np.nan  # blocks 0 and 10 of 16 (block=64)
+    arrays = forest_arrays_from_sklearn(clf)
+    np.testing.assert_allclose(predict_proba(arrays, X_test, block=64), clf.predict_proba(X_test), atol=ATOL)
+
+
 def test_out_argument_and_image_api():
     clf, _ = fit(17, 4, 10, None)
     arrays = forest_arrays_from_sklearn(clf)
@@ -175,6 +190,36 @@ def test_out_argument_and_image_api():
         predict_proba(arrays, np.zeros((3, 5), np.float32))
     with pytest.raises(ValueError, match=r"\(\.\.\., 6\)"):
         predict_proba_image(arrays, np.zeros((3, 3, 2)))
+
+
+def _fake_tree(left, right, value):
+    n = len(left)
+    return SimpleNamespace(
+        children_left=np.array(left),
+        children_right=np.array(right),
+        feature=np.zeros(n, np.int64),
+        threshold=np.zeros(n),
+        missing_go_to_left=np.zeros(n, np.uint8),
+        value=np.asarray(value, np.float64),
+        node_count=n,
+    )
+
+
+def test_from_trees_flattens_several_trees_and_rejects_bad_ones():
+    good = _fake_tree([1, -1, -1], [2, -1, -1], [[[2, 2]], [[1, 0]], [[0, 1]]])
+    stump = _fake_tree([-1], [-1], [[[3, 1]]])
+    arrays = forest_arrays_from_trees([stump, good, good], np.array([0, 1]), 1)
+    assert arrays.node_offsets.tolist() == [0, 0, 1, 2] and arrays.leaf_offsets.tolist() == [0, 1, 3, 5]
+    assert arrays.left.tolist() == [~1, ~3] and arrays.right.tolist() == [~2, ~4]
+    np.testing.assert_allclose(arrays.leaf_value[0], [0.75, 0.25])  # counts normalised
+    X = np.array([[-1.0], [1.0]], np.float32)  # left (x <= 0) / right of the split
+    expected = [[(0.75 + 1 + 1) / 3, 0.25 / 3], [0.75 / 3, (0.25 + 1 + 1) / 3]]
+    np.testing.assert_allclose(predict_proba(arrays, X), expected, atol=1e-7)
+    backwards = _fake_tree([-1, 0, -1], [-1, 2, -1], [[[1, 0]], [[1, 1]], [[0, 1]]])
+    with pytest.raises(ValueError, match="tree 1: children must follow their parent"):
+        forest_arrays_from_trees([good, backwards], np.array([0, 1]), 1)
+    with pytest.raises(ValueError, match=r"tree 0 has value shape \(3, 1, 1\)"):
+        forest_arrays_from_trees([_fake_tree([1, -1, -1], [2, -1, -1], [[[1]], [[1]], [[1]]])], np.array([0, 1]), 1)
 
 
 def test_from_sklearn_rejects_bad_models():
