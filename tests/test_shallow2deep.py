@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("bioimageio.core")
 
 from operators.kernels.synthetic import em_like  # noqa: E402
+from tda_graph.errors import SettingsError  # noqa: E402
 from tda_graph.models import bundled_enhancer, bundled_enhancers  # noqa: E402
 from tda_graph.workflows import shallow2deep as s2d  # noqa: E402
 
@@ -206,10 +207,17 @@ def test_train_enhancer_cli_end_to_end(tmp_path: Path) -> None:
     with h5py.File(h5, "w") as f:
         f["raw"] = np.stack([i.raw for i in im])
         f["gt"] = np.stack([i.membranes for i in im])
-    argv = ["train-enhancer", f"{h5}:raw", f"{h5}:gt", "--out", str(tmp_path / "pkg"), "--forests", "2"]
-    argv += ["--iterations", "2", "--depth", "2", "--width", "4", "--no-test"]
-    assert s2d.main(argv) == 0
-    assert (tmp_path / "pkg" / "bioimageio.yaml").is_file()
+        other = em_like((144, 176), seed=5)  # a second "acquisition" with another slice shape
+        f["raw2"] = other.raw[np.newaxis]
+        f["gt2"] = other.membranes[np.newaxis]
+        f["gt_bad"] = other.membranes[np.newaxis, :90]
+    argv = ["train-enhancer", f"{h5}:raw", f"{h5}:gt", "--out", str(tmp_path / "pkg"), "--forests", "4"]
+    argv += ["--iterations", "2", "--depth", "2", "--width", "4", "--no-test", "--slices", "0"]
+    assert s2d.main(argv + ["--add-data", f"{h5}:raw2", f"{h5}:gt2"]) == 0
+    text = (tmp_path / "pkg" / "bioimageio.yaml").read_text()
+    assert "raw2" in text and "gt2" in text  # both pairs recorded in the package's training facts
+    with pytest.raises(SettingsError, match=r"gt_bad has \(1, 90, 176\).*same shape"):
+        s2d.main(argv + ["--add-data", f"{h5}:raw2", f"{h5}:gt_bad"])
 
 
 def test_importing_does_not_import_torch() -> None:

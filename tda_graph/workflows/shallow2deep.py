@@ -892,15 +892,28 @@ def _parse_scales(text: str) -> list[int]:
 
 def cmd_train_enhancer(args: argparse.Namespace) -> int:
     """Body of ``tda train-enhancer``; returns the exit code."""
-    raw = read_stack(args.images, args.slices)
-    gt = read_stack(args.ground_truth, args.slices)
+    specs = [(args.images, args.ground_truth)] + [tuple(p) for p in (args.add_data or [])]
+    raws, gts = [], []
+    for im_spec, gt_spec in specs:
+        raw = read_stack(im_spec, args.slices)
+        gt = read_stack(gt_spec, args.slices)
+        if raw.shape != gt.shape:
+            raise SettingsError(
+                f"{im_spec} has shape {raw.shape} but its ground truth {gt_spec} has {gt.shape}; "
+                "give an image and a ground truth of the same shape"
+            )
+        raws.append(raw)
+        gts.append(gt)
     name = args.name or f"shallow2deep enhancer {Path(args.out).name}"
+    data = {"images": [a for a, _ in specs], "ground_truth": [b for _, b in specs], "slices": args.slices}
+    if len(specs) == 1:  # keep the single-dataset record as it was
+        data = {"images": args.images, "ground_truth": args.ground_truth, "slices": args.slices}
     res = train_enhancer(
-        [raw],
-        [gt],
+        raws,
+        gts,
         args.out,
         name=name,
-        description=args.description or f"shallow2deep enhancer trained on {args.ground_truth}",
+        description=args.description or f"shallow2deep enhancer trained on {', '.join(b for _, b in specs)}",
         n_forests=args.forests,
         iterations=args.iterations,
         seed=args.seed,
@@ -911,7 +924,7 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         threads=args.threads,
         run_test=not args.no_test,
-        training_info={"images": args.images, "ground_truth": args.ground_truth, "slices": args.slices},
+        training_info=data,
     )
     summary = {k: v for k, v in res.__dict__.items() if k != "losses"}
     summary["package"] = str(res.package)
@@ -938,7 +951,14 @@ def add_train_enhancer_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("images", help="raw images, PATH:DATASET (HDF5, zyx or yx)")
     p.add_argument("ground_truth", help="binary ground truth, PATH:DATASET, same shape")
     p.add_argument("--out", required=True, help="package folder to write")
-    p.add_argument("--slices", default=None, help="z slices to train on, e.g. 0-19 (default all)")
+    p.add_argument(
+        "--add-data",
+        nargs=2,
+        action="append",
+        metavar=("IMAGES", "GROUND_TRUTH"),
+        help="another raw/ground-truth pair (PATH:DATASET each), e.g. a second acquisition; repeatable",
+    )
+    p.add_argument("--slices", default=None, help="z slices to train on, of every pair, e.g. 0-19 (default all)")
     p.add_argument("--forests", type=int, default=60, help="number of random forests (default 60)")
     p.add_argument("--iterations", "--epochs", type=int, default=1500, help="U-Net optimiser steps (default 1500)")
     p.add_argument("--seed", type=int, default=0)
