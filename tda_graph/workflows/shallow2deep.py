@@ -905,15 +905,15 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
         raws.append(raw)
         gts.append(gt)
     name = args.name or f"shallow2deep enhancer {Path(args.out).name}"
-    data = {"images": [a for a, _ in specs], "ground_truth": [b for _, b in specs], "slices": args.slices}
-    if len(specs) == 1:  # keep the single-dataset record as it was
-        data = {"images": args.images, "ground_truth": args.ground_truth, "slices": args.slices}
+    images, truths = [a for a, _ in specs], [b for _, b in specs]
+    one = len(specs) == 1  # a single pair is recorded as plain strings, as before
+    data = {"images": images[0] if one else images, "ground_truth": truths[0] if one else truths, "slices": args.slices}
     res = train_enhancer(
         raws,
         gts,
         args.out,
         name=name,
-        description=args.description or f"shallow2deep enhancer trained on {', '.join(b for _, b in specs)}",
+        description=args.description or f"shallow2deep enhancer trained on {', '.join(truths)}",
         n_forests=args.forests,
         iterations=args.iterations,
         seed=args.seed,
