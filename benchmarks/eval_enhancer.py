@@ -22,7 +22,8 @@ mitochondria_em2d
 membranes_em2d
     ISBI membranes, slices 20-29; EPFL membranes slices 20-26 (FIB-SEM mouse);
     synthetic ``em_like`` membranes; FlyEM medulla boundaries, z = 25, 75, ..., 225
-    (isotropic FIB-SEM fly).
+    (isotropic FIB-SEM fly); gala FIB-SEM fly boundaries, z = 5, 10, ..., 45 of its train and
+    test crops (100x200 slices, so the 50-pixel minimum per class labels about 0.6%).
 
 The enhancers are trained on slices 0-19 only. A row's domain is "same" when the
 package records its data file among its training data
@@ -113,6 +114,7 @@ def datasets(data: Path, quick: bool) -> Iterator[tuple[str, str, str, np.ndarra
     from operators.kernels.synthetic import em_like
 
     epfl, isbi, flyem = data / "epfl_train.h5", data / "isbi2012_train.h5", data / "flyem_medulla.h5"
+    gala = data / "gala_fibsem_small.h5"
     epfl_z = [20, 21, 22] if quick else list(range(20, 27))
     if epfl.exists():
         yield (
@@ -156,6 +158,16 @@ def datasets(data: Path, quick: bool) -> Iterator[tuple[str, str, str, np.ndarra
             flyem.name,
             _read(flyem, "raw", z),
             _read(flyem, "boundaries", z),
+        )
+    if gala.exists():
+        # tiny isotropic FIB-SEM fly crops (100x200 slices): every 5th slice of both halves
+        z = [5, 25, 45] if quick else list(range(5, 50, 5))
+        yield (
+            "membranes_em2d",
+            "gala FIB-SEM boundaries",
+            gala.name,
+            np.concatenate([_read(gala, "train_raw", z), _read(gala, "test_raw", z)]),
+            np.concatenate([_read(gala, "train_boundaries", z), _read(gala, "test_boundaries", z)]),
         )
 
 
