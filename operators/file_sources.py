@@ -15,10 +15,11 @@ reads are transposed accordingly.
 from __future__ import annotations
 
 import abc
+import itertools
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -667,6 +668,29 @@ class ZarrSource(FileSource):
 _TIFF_AXES = {"T": "t", "Z": "z", "Y": "y", "X": "x", "C": "c", "S": "c"}
 
 
+def _check_extents(path: str, page: Any, file_size: int) -> None:
+    """Refuse a TIFF page whose strips/tiles point past the end of the file.
+
+    WHY: tifffile reads a strip with ``read(bytecount)``, which allocates the claimed
+    size first: one flipped bit in a byte-count tag made a 2 kB file ask for 3.9 GB.
+    """
+    offsets = np.asarray(page.dataoffsets, dtype=np.uint64)
+    counts = np.asarray(page.databytecounts, dtype=np.uint64)
+    if offsets.shape != counts.shape:
+        raise SourceError(
+            f"{path!r} is a damaged TIFF: page {page.index} lists {offsets.size} strip/tile offsets but "
+            f"{counts.size} byte counts; restore the file or re-save it"
+        )
+    ends = offsets + counts
+    bad = np.flatnonzero((ends > file_size) | (ends < offsets))
+    if bad.size:
+        k = int(bad[0])
+        raise SourceError(
+            f"{path!r} is a damaged TIFF: strip/tile {k} of page {page.index} claims bytes {int(offsets[k])}.."
+            f"{int(offsets[k]) + int(counts[k])} but the file has {file_size} bytes; restore the file or re-save it"
+        )
+
+
 class TiffSource(FileSource):
     """The first image series of a TIFF file (also OME-TIFF, BigTIFF), read lazily.
 
@@ -712,20 +736,40 @@ class TiffSource(FileSource):
                 f"in {expected} strips/tiles but the file lists {n_stored}; restore the file or re-save it"
             )
         _check_chunks(repr(str(self._path)), chunks, np.dtype(dtype).itemsize, "re-save it tiled (e.g. 256x256 tiles)")
+        self._file_size = os.path.getsize(self._path)
+        _check_extents(str(self._path), page, self._file_size)
         meta = None
         if tif_axes and all(a in _TIFF_AXES for a in tif_axes):
             meta = _axes_from_names([_TIFF_AXES[a] for a in tif_axes], len(shape))
         # pages (and their strips or tiles) are the storage chunks of a stack
         lead = len(shape) - len(page_shape)
         whole = lead >= 0 and tuple(shape[lead:]) == page_shape and len(chunks) == len(page_shape)
+        self._page_dims = tuple(int(n) for n in shape[:lead]) if whole else None
         self._setup(shape, dtype, axes, meta, chunks=(1,) * lead + tuple(chunks) if whole else None)
+
+    def _pages_touched(self, series: Any, slices: tuple[slice, ...]) -> Iterator[Any]:
+        dims = self._page_dims
+        if dims is None:  # pages do not map onto leading axes: the first page stands for all
+            yield series.keyframe
+            return
+        if not dims:
+            yield series.keyframe
+            return
+        ranges = [range(*sl.indices(n)) for sl, n in zip(slices, dims)]
+        for idx in itertools.product(*ranges):
+            page = series.pages[int(np.ravel_multi_index(idx, dims))]
+            if page is not None:
+                yield page
 
     def _read(self, slices: tuple[slice, ...]) -> Any:
         import tifffile
         import zarr
 
         with tifffile.TiffFile(self._path) as tif:
-            store = tif.series[0].aszarr()
+            series = tif.series[0]
+            for page in self._pages_touched(series, slices):  # before tifffile allocates their strips
+                _check_extents(str(self._path), page, self._file_size)
+            store = series.aszarr()
             try:
                 return zarr.open_array(store, mode="r")[slices]
             finally:

@@ -554,3 +554,45 @@ def test_cli_trains_and_predicts_on_a_valid_2d_float32_hdf5(tmp_path: Path) -> N
     assert main(argv) == 0
     argv = ["predict", "--project", str(project), "--input", image_spec, "--output", f"{out}:/p", "--quiet"]
     assert main(argv + ["--workers", "1"]) == 0
+
+
+def _set_bytecount(path: Path, page_index: int, value: int) -> None:
+    """Overwrite the (inline, single-strip) StripByteCounts of one page."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages[page_index].tags["StripByteCounts"]
+        assert tag.count == 1
+        offset, fmt = tag.valueoffset, tif.byteorder + ("I" if tag.dtype == 4 else "H")
+    data = bytearray(path.read_bytes())
+    data[offset : offset + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("page", [0, 3])
+def test_tiff_strip_beyond_end_of_file_is_refused_without_allocating(tmp_path: Path, page: int) -> None:
+    # one flipped bit in a byte count made tifffile allocate the claimed 3.9 GB (found by the fuzz test)
+    tifffile = pytest.importorskip("tifffile")
+    from operators.file_sources import open_image
+
+    path = tmp_path / "stack.tif"
+    stack = (np.arange(6 * 30 * 40) % 251).astype(np.uint8).reshape(6, 30, 40)
+    tifffile.imwrite(path, stack)
+    _set_bytecount(path, page, 4_000_000_000)
+    tracemalloc.start()
+    try:
+        src = open_image(str(path)) if page else None
+        if page:  # opening checks the first page only; a read that reaches page 3 is refused
+            assert src._read((slice(0, 2), slice(0, 30), slice(0, 40))).tolist() == stack[:2].tolist()
+            g = Graph(workers=1)
+            try:
+                with pytest.raises(TdaError, match=r"damaged TIFF: strip/tile 0 of page 3 claims bytes .* restore"):
+                    g.request(g.add(src), Roi((3, 0, 0), (4, 30, 40)))
+            finally:
+                g.close()
+        else:
+            with pytest.raises(TdaError, match=r"damaged TIFF: strip/tile 0 of page 0 claims bytes \d+\.\.\d+ but"):
+                open_image(str(path))
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    finally:
+        tracemalloc.stop()

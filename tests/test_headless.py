@@ -345,3 +345,33 @@ def test_sigkilled_predict_process_resumes_identically(trained):
     assert res["finished"] and res["skipped"] == done_before and res["computed"] >= 1
     with h5py.File(d / "k.h5") as f:
         np.testing.assert_array_equal(f["p"][...], ref)
+
+
+def test_train_reads_chunked_labels_block_by_block(tmp_path, monkeypatch):
+    from operators import file_sources
+    from operators.file_sources import open_image
+    from tda_graph.workflows.headless import _sparse_label_blocks
+
+    monkeypatch.setattr(file_sources, "MIN_BLOCK_BYTES", 1)  # a cache grid of single chunks
+
+    em = em_like((96, 80), seed=3)
+    lab = sparse_labels(em.mitochondria > 0, n=60)
+    lab[:, 40:] = 0  # the right half holds no labels
+    with h5py.File(tmp_path / "l.h5", "w") as f:
+        f["raw"] = em.raw
+        f.create_dataset("labels", data=lab, chunks=(32, 40))
+        f.create_dataset("wide", data=np.where(lab == 2, 300, lab.astype(np.uint16)), chunks=(32, 40))
+    parts = _sparse_label_blocks(open_image(f"{tmp_path}/l.h5:/labels"), "labels")
+    rebuilt = np.zeros_like(lab)
+    for start, blk in parts:
+        assert blk.dtype == np.uint8 and blk.any()
+        rebuilt[tuple(slice(s, s + n) for s, n in zip(start, blk.shape))] = blk
+    np.testing.assert_array_equal(rebuilt, lab)
+    assert 0 < len(parts) <= 3 and all(start[1] < 40 for start, _ in parts)  # 6 chunks, empty ones not kept
+
+    proj = tmp_path / "p.tdap"
+    img, labels = f"{tmp_path}/l.h5:/raw", f"{tmp_path}/l.h5:/labels"
+    assert main(["train", "--image", img, "--labels", labels, "--project", str(proj), "--trees", "5"]) == 0
+    np.testing.assert_array_equal(load_project(proj).labels.to_dense(), lab)
+    with pytest.raises(Exception, match=r"integers 0\.\.255.*found 300 in block"):
+        _sparse_label_blocks(open_image(f"{tmp_path}/l.h5:/wide"), "wide")

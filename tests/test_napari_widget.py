@@ -230,3 +230,31 @@ def test_enhancer_channel_selector_and_project_round_trip(qtbot, setup, tmp_path
         np.testing.assert_allclose(viewer2.layers[ENHANCED_NAME].data, enh.data, atol=1e-4)
     finally:
         w2.close_workflow()
+
+
+def test_napari_undo_and_redo_reach_the_label_store(qtbot, setup):
+    viewer, w, em = setup
+    lab = viewer.layers[LABELS_NAME]
+    paint_two_classes(qtbot, viewer, w, em)
+    painted = lab.data.copy()
+    trainings = w.wf.probabilities.counters["trainings"]
+    spot = tuple(np.argwhere(painted == 0)[len(np.argwhere(painted == 0)) // 2])
+    n = w.updates
+    brush(lab, [spot], 2, size=3)
+    wait_update(qtbot, w, n)
+    assert w.wf.labels.to_dense()[spot] == 2
+    # napari's own undo (Ctrl+Z calls layer.undo()) sends no paint event; the store must follow anyway
+    n = w.updates
+    lab.undo()
+    wait_update(qtbot, w, n)
+    np.testing.assert_array_equal(lab.data, painted)
+    np.testing.assert_array_equal(w.wf.labels.to_dense(), painted)
+    n = w.updates
+    lab.redo()
+    wait_update(qtbot, w, n)
+    assert lab.data[spot] == 2
+    np.testing.assert_array_equal(w.wf.labels.to_dense(), lab.data)
+    assert w.wf.probabilities.counters["trainings"] >= trainings + 3  # stroke, undo, redo each retrain
+    # after the workflow closes, undo is napari's own method again
+    w.close_workflow()
+    assert "undo" not in vars(lab) and "redo" not in vars(lab)

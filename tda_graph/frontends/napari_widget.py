@@ -16,6 +16,7 @@ imports it except napari (through ``napari.yaml``).
 from __future__ import annotations
 
 import os
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -162,6 +163,50 @@ def stroke_regions(atoms: Iterable[Any], shape: Sequence[int]) -> list[tuple[Roi
     return regions
 
 
+def follow_history(
+    layer: Labels, on_atoms: Callable[[list[Any]], None], on_unknown: Callable[[], None]
+) -> Callable[[], None]:
+    """Report the regions napari's undo / redo of ``layer`` rewrite; returns an unhook function.
+
+    WHY: ``Labels.undo``/``redo`` rewrite the layer's data without a paint event, so the
+    label store (and the forest) would keep the undone stroke. The history item about to
+    be replayed is read before napari applies it and handed to ``on_atoms`` afterwards,
+    in the same form as a paint event's value. Should napari's private history queues
+    ever be missing, ``on_unknown`` (a whole-layer copy) is called instead.
+    Keyboard shortcuts call ``layer.undo()``, so the instance attributes catch them too.
+    """
+    for name, queue in (("undo", "_undo_history"), ("redo", "_redo_history")):
+        original = getattr(layer, name)
+
+        def replay(original: Callable[[], None] = original, queue: str = queue) -> None:
+            pending = getattr(layer, queue, None)
+            item = list(pending[-1]) if pending else []
+            original()
+            if pending is None:
+                on_unknown()
+            elif item:
+                on_atoms(item)
+
+        setattr(layer, name, replay)
+
+    def unhook() -> None:
+        for name in ("undo", "redo"):
+            layer.__dict__.pop(name, None)  # the class's own method again
+
+    return unhook
+
+
+def _weak(method: Callable[..., None]) -> Callable[..., None]:
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        target = ref()
+        if target is not None:
+            target(*args)
+
+    return call
+
+
 def _camera(viewer: ViewerModel) -> Any:
     """The viewer's camera (``viewer.scene.camera`` from napari 0.9 on, ``viewer.camera`` before)."""
     scene = getattr(viewer, "scene", None)
@@ -233,6 +278,7 @@ class TdaWidget(QWidget):
         self.status = ""
         self._generation = 0  # bumped per workflow; results of an older one are dropped
         self._subs: list[Any] = []
+        self._unhook_history: Callable[[], None] | None = None
         self._jobs: deque[tuple[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]] | None], Any]] = deque()
         self._worker: Any = None
         self._timer = QTimer(self)
@@ -457,6 +503,7 @@ class TdaWidget(QWidget):
         self._color_labels(lab, wf)
         self.labels_layer = lab
         lab.events.paint.connect(self._on_paint)
+        self._unhook_history = follow_history(lab, _weak(self.apply_stroke), _weak(self.sync_labels))
         existing = np.asarray(lab.data)
         if existing.any():
             if existing.max() > len(class_names):
@@ -523,6 +570,9 @@ class TdaWidget(QWidget):
         self._subs = []
         if self.labels_layer is not None:
             self.labels_layer.events.paint.disconnect(self._on_paint)
+        if self._unhook_history is not None:
+            self._unhook_history()
+            self._unhook_history = None
         self._jobs.clear()
         self._generation += 1
         if self.wf is not None:
@@ -562,7 +612,7 @@ class TdaWidget(QWidget):
             self._set_status(f"label(s) {sorted(refused)} are not classes (1..{k}); they are not used for training")
 
     def sync_labels(self) -> None:
-        """Copy the whole Labels layer into the label store (e.g. after napari's undo, which sends no paint event)."""
+        """Copy the whole Labels layer into the label store (after edits napari reports no region for)."""
         if self.wf is None or self.labels_layer is None:
             return
         data = np.asarray(self.labels_layer.data)

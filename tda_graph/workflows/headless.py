@@ -25,6 +25,7 @@ from operators import ClassifierNotReady
 from operators.file_sources import open_image, parse_image_spec
 from tda_graph import Operator, Roi, TdaError
 from tda_graph.frontends.atomic import atomic_path
+from tda_graph.roi import block_roi
 
 from .pixel_classification import TrainableDomainAdaptation
 from .project import EnhancerRef, ProjectState, load_project, save_project
@@ -111,6 +112,34 @@ class BatchError(TdaError, ValueError):
 
 
 # -- training -----------------------------------------------------------------------------------
+def _sparse_label_blocks(lab_src: Operator, labels: str) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """Read a label image block by block, keeping only blocks that hold labels.
+
+    Returns ``(spatial start, uint8 block)`` pairs. Sparse labels of a large volume
+    then cost memory for the labelled blocks only, not for the whole image.
+    """
+    spec = lab_src.output_spec({})
+    grid = spec.default_block_shape()
+    spatial = [i for i, a in enumerate(spec.axes) if a != "c"]
+    parts: list[tuple[tuple[int, ...], np.ndarray]] = []
+    for idx in Roi.full(spec.shape).block_indices(grid):
+        broi = block_roi(idx, grid, spec.shape)
+        blk = np.asarray(lab_src.compute(broi, {}))
+        if not np.issubdtype(blk.dtype, np.integer):
+            raise BatchError(f"labels {labels!r} must hold integers 0..255 (0 = unlabelled), got {blk.dtype}")
+        if not blk.any():
+            continue
+        lo, hi = int(blk.min()), int(blk.max())
+        if lo < 0 or hi > 255:
+            raise BatchError(
+                f"labels {labels!r} must hold integers 0..255 (0 = unlabelled), found {lo if lo < 0 else hi} "
+                f"in block {broi}"
+            )
+        shape = tuple(broi.shape[i] for i in spatial)
+        parts.append((tuple(broi.start[i] for i in spatial), blk.reshape(shape).astype(np.uint8)))
+    return parts
+
+
 def train_project(
     image: str,
     labels: str,
@@ -158,10 +187,8 @@ def train_project(
             f"the label image {labels!r} has shape {lab_shape} but the image {image!r} has spatial shape {spatial}; "
             "give labels of the same size as the image"
         )
-    dense = np.asarray(lab_src.compute(Roi.full(lab_spec.shape), {})).reshape(lab_shape)
-    if not np.issubdtype(dense.dtype, np.integer) or dense.min() < 0 or dense.max() > 255:
-        raise BatchError(f"labels {labels!r} must hold integers 0..255 (0 = unlabelled), got {dense.dtype}")
-    k = int(dense.max())
+    parts = _sparse_label_blocks(lab_src, labels)
+    k = max((int(blk.max()) for _, blk in parts), default=0)
     if k == 0:
         raise BatchError(f"the label image {labels!r} is empty (all 0); paint at least two classes (values 1 and 2)")
     names = tuple(class_names) if class_names else tuple(f"class {i}" for i in range(1, max(k, 2) + 1))
@@ -172,7 +199,9 @@ def train_project(
     )
     try:
         store: LabelStore = wf.labels
-        store.load_dense(dense.astype(np.uint8))
+        with wf.graph.batch():  # one dirty event for all blocks
+            for start, blk in parts:
+                store.load_dense(blk, offset=start)
         try:
             wf.graph.request(wf.probabilities, Roi((0,) * (len(spatial) + 1), (1,) * (len(spatial) + 1)))
         except ClassifierNotReady as e:
