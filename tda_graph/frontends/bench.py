@@ -196,7 +196,7 @@ def run_bench(
             f"median {lv['median_ms']:.0f} ms, p90 {lv['p90_ms']:.0f} ms (stroke -> updated probabilities)"
         )
     if json_path:
-        from .atomic import atomic_path
+        from ..atomic import atomic_path
 
         with atomic_path(json_path) as tmp:
             tmp.write_text(json.dumps(res, indent=2))

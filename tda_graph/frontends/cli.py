@@ -14,7 +14,7 @@ import numpy as np
 
 from tda_graph import Roi, SettingsError, TdaError
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 
 def _save_png(path: Path, panels: list[np.ndarray]) -> None:

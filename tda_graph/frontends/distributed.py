@@ -30,9 +30,9 @@ from typing import Any
 
 from operators.file_sources import parse_image_spec
 
+from ..atomic import atomic_path
 from ..workflows.blocks import BlockGrid, block_grid, predict_block
 from ..workflows.headless import BatchError, check_output_location
-from .atomic import atomic_path
 
 __all__ = ["WORKER_OVERHEAD", "predict_distributed", "write_block"]
 

@@ -24,7 +24,7 @@ import numpy as np
 from operators import ClassifierNotReady
 from operators.file_sources import open_image, parse_image_spec
 from tda_graph import Operator, Roi, TdaError
-from tda_graph.frontends.atomic import atomic_path
+from tda_graph.atomic import atomic_path
 from tda_graph.roi import block_roi
 
 from .pixel_classification import TrainableDomainAdaptation

@@ -36,7 +36,7 @@ from operators.kernels.forest_cpu import ForestArrays
 from operators.kernels.forest_io import load_forest, save_forest
 from operators.labels import LabelClass, LabelStore
 from tda_graph import TdaError
-from tda_graph.frontends.atomic import atomic_path
+from tda_graph.atomic import atomic_path
 
 __all__ = [
     "FORMAT_NAME",
