@@ -161,18 +161,29 @@ def main() -> None:
     ap.add_argument("--trees", type=int, default=100)
     ap.add_argument("--strokes", type=int, default=20)
     ap.add_argument("--depth", type=int, default=None, help="forest max_depth (default unlimited, like ilastik)")
+    ap.add_argument(
+        "--runs", type=int, default=1, help="repeat the 2D scenario (fresh graph each time) to show the spread"
+    )
     a = ap.parse_args()
     n = 5 if a.quick else a.strokes
     raw, gt, name = load_2d()
     sel = LIVE_SELECTION  # the same 13 channels as `tda bench`
-    r2 = live(raw, gt, Roi((256, 256), (768, 768)), "yx", a.trees, n, sel, a.depth, keep=True)
-    print(
-        f"2D {name}, 512x512 viewport, {r2['channels']} feature channels, {a.trees} trees "
-        f"(max_depth {a.depth}), {r2['n']} strokes "
-        f"(features cached in {r2['features_s']:.2f} s first): median {r2['median_ms']:.0f} ms, "
-        f"p90 {r2['p90_ms']:.0f} ms (training {r2['train_ms']:.0f} ms of it on average), "
-        f"{r2['samples']} training samples at the end"
-    )
+    runs = []
+    for k in range(max(1, a.runs)):
+        r2 = live(raw, gt, Roi((256, 256), (768, 768)), "yx", a.trees, n, sel, a.depth, keep=k == 0)
+        runs.append(r2)
+        print(
+            f"2D {name}, 512x512 viewport, {r2['channels']} feature channels, {a.trees} trees "
+            f"(max_depth {a.depth}), {r2['n']} strokes "
+            f"(features cached in {r2['features_s']:.2f} s first): median {r2['median_ms']:.0f} ms, "
+            f"p90 {r2['p90_ms']:.0f} ms (training {r2['train_ms']:.0f} ms of it on average), "
+            f"{r2['samples']} training samples at the end",
+            flush=True,
+        )
+    r2 = runs[0]
+    if len(runs) > 1:
+        meds = sorted(r["median_ms"] for r in runs)
+        print(f"2D over {len(runs)} runs: medians {', '.join(f'{m:.0f}' for m in meds)} ms")
     raw3, gt3, name3 = load_3d()
     r3 = live(raw3, gt3, Roi((32, 32, 32), (160, 160, 160)), "zyx", a.trees, n, sel, a.depth)
     print(
