@@ -193,6 +193,35 @@ def test_stale_lock_is_ignored(workspace: Path) -> None:
     assert not lock.exists()
 
 
+def test_two_savers_breaking_one_stale_lock_do_not_both_write(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = workspace / "p.h5"
+    save_project(path, ProjectState(channel=2))
+    lock = workspace / "p.h5.lock"
+    lock.write_text(f"{2**22 + 12345} {os.uname().nodename}\n")  # left by a dead process
+    live = f"{os.getpid()} {os.uname().nodename}\n"
+    judge = project_mod._lock_is_stale
+
+    def other_saver_wins(candidate: Path) -> bool:
+        stale = judge(candidate)
+        # between our verdict and our removal, another saver breaks the lock and takes it
+        candidate.unlink()
+        (workspace / "other.tmp").write_text(live)
+        os.link(workspace / "other.tmp", candidate)
+        return stale
+
+    monkeypatch.setattr(project_mod, "_lock_is_stale", other_saver_wins)
+    with pytest.raises(ProjectLockedError, match="being written by another process"):
+        save_project(path, ProjectState(channel=7))
+    assert lock.read_text() == live  # the other saver's lock survives
+    assert not list(workspace.glob(".p.h5.lock.*"))
+    monkeypatch.setattr(project_mod, "_lock_is_stale", judge)
+    lock.unlink()
+    # a saver killed while breaking a lock leaves the renamed file; the next save removes it
+    (workspace / f".p.h5.lock.{2**22 + 12345}.stale").write_text("x")
+    save_project(path, ProjectState(channel=8))
+    assert load_project(path).channel == 8 and not list(workspace.glob(".p.h5.lock.*"))
+
+
 def test_newer_format_refused(tmp_path: Path) -> None:
     path = tmp_path / "p.h5"
     save_project(path, ProjectState())

@@ -13,6 +13,8 @@ Only numbers and strings are stored; nothing is ever pickled, and :func:`load_pr
 refuses files holding opaque, object, reference or compound data before reading them.
 Saving writes a temporary file in the same folder, fsyncs it and renames it over
 the target; a ``<project>.lock`` file (created exclusively) marks a save in progress.
+A lock whose process is gone is stale; it is broken by an atomic rename that checks the
+renamed file is still the one judged stale, so two savers never both hold the lock.
 """
 
 from __future__ import annotations
@@ -237,11 +239,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_dead_lock_temps(lock: Path) -> None:
-    # a writer killed between writing its lock temp file and linking it leaves the temp file
-    for tmp in lock.parent.glob(f".{lock.name}.*.tmp"):
-        with contextlib.suppress(ValueError, OSError):
-            if not _pid_alive(int(tmp.name[len(lock.name) + 2 : -4])):
-                tmp.unlink()
+    # a writer killed between writing its lock temp file and linking it leaves the temp file;
+    # one killed while breaking a stale lock leaves the renamed lock (".stale")
+    for suffix in (".tmp", ".stale"):
+        for tmp in lock.parent.glob(f".{lock.name}.*{suffix}"):
+            with contextlib.suppress(ValueError, OSError):
+                if not _pid_alive(int(tmp.name[len(lock.name) + 2 : -len(suffix)])):
+                    tmp.unlink()
 
 
 def _remove_dead_save_temps(target: Path) -> None:
@@ -251,6 +255,36 @@ def _remove_dead_save_temps(target: Path) -> None:
         if not tmp.name.startswith(f".{target.name}.lock."):
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def _identity(path: Path) -> tuple[int, int, str] | None:
+    """Inode, device and content of a lock file (``None`` if it is gone or unreadable)."""
+    try:
+        st = path.stat()
+        return st.st_ino, st.st_dev, path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _break_stale_lock(lock: Path, judged: tuple[int, int, str]) -> None:
+    """Remove the stale lock file ``judged``, never a live lock that replaced it meanwhile.
+
+    WHY: two savers can find the same stale lock; the first removes it and takes the
+    lock, and a plain ``unlink`` by the second would then delete the first one's live
+    lock, so both would write. Renaming is atomic, so exactly one saver gets the file;
+    if it is not the file judged stale (other content, or another inode: inode numbers
+    alone are reused at once), it goes back to where it was.
+    """
+    grave = lock.with_name(f".{lock.name}.{os.getpid()}.stale")
+    try:
+        os.replace(lock, grave)
+    except FileNotFoundError:
+        return  # another saver broke it first
+    if _identity(grave) != judged:
+        with contextlib.suppress(FileExistsError):
+            os.link(grave, lock)  # a live lock: restore it (unless yet another saver holds the slot)
+    with contextlib.suppress(FileNotFoundError):
+        grave.unlink()
 
 
 @contextlib.contextmanager
@@ -268,10 +302,11 @@ def _write_lock(path: Path) -> Iterator[None]:
                 os.link(tmp, lock)
                 break
             except FileExistsError:
-                if attempt == 0 and _lock_is_stale(lock):
-                    with contextlib.suppress(FileNotFoundError):
-                        lock.unlink()
-                    continue
+                if attempt == 0:
+                    judged = _identity(lock)  # taken first: the file judged is the one we may break
+                    if judged is not None and _lock_is_stale(lock):
+                        _break_stale_lock(lock, judged)
+                        continue
                 raise ProjectLockedError(_locked_message(path, lock)) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
