@@ -222,6 +222,22 @@ def test_two_savers_breaking_one_stale_lock_do_not_both_write(workspace: Path, m
     assert load_project(path).channel == 8 and not list(workspace.glob(".p.h5.lock.*"))
 
 
+@pytest.mark.parametrize("dataset", ["forest/threshold", "forest/leaf_value", "features/sigmas"])
+def test_bit_flipped_on_disk_is_detected(tmp_path: Path, dataset: str) -> None:
+    # a flipped threshold or leaf value passes every shape and bound check; the stored
+    # checksum (HDF5 fletcher32) is what catches it
+    path = tmp_path / "p.h5"
+    save_project(path, ProjectState(selection="default", labels=_labels(), forest=_forest()))
+    with h5py.File(path, "r") as f:
+        ds = f[dataset]
+        offset = ds.id.get_chunk_info(0).byte_offset if ds.chunks else ds.id.get_offset()
+    data = bytearray(path.read_bytes())
+    data[offset + 2] ^= 0x04
+    path.write_bytes(bytes(data))
+    with pytest.raises(ProjectError, match=r"corrupt: .*checksum .*restore it from a backup"):
+        load_project(path)
+
+
 def test_newer_format_refused(tmp_path: Path) -> None:
     path = tmp_path / "p.h5"
     save_project(path, ProjectState())

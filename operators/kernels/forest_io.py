@@ -73,11 +73,12 @@ def save_forest(h5group: h5py.Group, arrays: ForestArrays) -> None:
         value = getattr(arrays, name)
         if name == "missing_go_left":
             value = value.astype(np.uint8)
-        h5group.create_dataset(name, data=value, dtype=_DATASETS[name][0])
+        # fletcher32: a flipped threshold or leaf value is caught on reading (bounds checks cannot)
+        h5group.create_dataset(name, data=value, dtype=_DATASETS[name][0], fletcher32=True)
     if stored_classes.dtype == object:
         h5group.create_dataset("classes", data=stored_classes, dtype=h5py.string_dtype(encoding="utf-8"))
     else:
-        h5group.create_dataset("classes", data=stored_classes)
+        h5group.create_dataset("classes", data=stored_classes, fletcher32=True)
     h5group.attrs["format"] = FORMAT_NAME
     h5group.attrs["format_version"] = FORMAT_VERSION
     h5group.attrs["n_features"] = int(arrays.n_features)

@@ -9,7 +9,9 @@ Layout of a project file (format ``"tda-graph-project"``, :data:`FORMAT_VERSION`
     /forest    operators.kernels.forest_io layout (plain arrays)
     /enhancer  attrs: name | path_relative + path_absolute, sha256
 
-Only numbers and strings are stored; nothing is ever pickled, and :func:`load_project`
+Numeric datasets carry HDF5 fletcher32 checksums (a bit flipped on disk is an error
+on loading, not a silently changed label or threshold). Only numbers and strings are
+stored; nothing is ever pickled, and :func:`load_project`
 refuses files holding opaque, object, reference or compound data before reading them.
 Saving writes a temporary file in the same folder, fsyncs it and renames it over
 the target; a ``<project>.lock`` file (created exclusively) marks a save in progress.
@@ -414,7 +416,7 @@ def _write(f: h5py.File, state: ProjectState, project_dir: Path) -> None:
     g = f.create_group("features")
     g.attrs["in_2d"] = np.uint8(state.in_2d)
     g.create_dataset("feature_ids", data=[fid for fid, _ in state.selection], dtype=h5py.string_dtype("utf-8"))
-    g.create_dataset("sigmas", data=np.asarray([s for _, s in state.selection], dtype=np.float64))
+    g.create_dataset("sigmas", data=np.asarray([s for _, s in state.selection], dtype=np.float64), fletcher32=True)
     if state.labels is not None:
         state.labels.save_h5(f.create_group("labels"))
     if state.forest is not None:
@@ -531,7 +533,11 @@ def load_project(path: str | os.PathLike[str], *, check_files: bool = True) -> P
     except (TdaError, KeyError, ValueError, TypeError, OSError, RuntimeError, IndexError) as e:
         # h5py raises OSError / KeyError / RuntimeError on truncated or damaged internals; damaged
         # attributes reach LabelStore / ProjectState as bad shapes or axes (SpecError, LabelError)
-        raise ProjectError(f"project {str(target)!r} is corrupt: {e}; restore it from a backup") from e
+        why = str(e)
+        if isinstance(e, OSError) and "filter returned failure" in why:
+            # fletcher32 (or the compressor's own check) found data that changed on disk
+            why = f"a stored checksum does not match its data, so the file was damaged on disk ({why})"
+        raise ProjectError(f"project {str(target)!r} is corrupt: {why}; restore it from a backup") from e
 
 
 def _load_open(f: h5py.File, target: Path, check_files: bool) -> ProjectState:
