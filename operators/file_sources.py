@@ -745,12 +745,15 @@ class TiffSource(FileSource):
         lead = len(shape) - len(page_shape)
         whole = lead >= 0 and tuple(shape[lead:]) == page_shape and len(chunks) == len(page_shape)
         self._page_dims = tuple(int(n) for n in shape[:lead]) if whole else None
+        self._all_pages_checked = False
         self._setup(shape, dtype, axes, meta, chunks=(1,) * lead + tuple(chunks) if whole else None)
 
     def _pages_touched(self, series: Any, slices: tuple[slice, ...]) -> Iterator[Any]:
         dims = self._page_dims
-        if dims is None:  # pages do not map onto leading axes: the first page stands for all
-            yield series.keyframe
+        if dims is None:  # pages do not map onto leading axes: check them all, once
+            if not self._all_pages_checked:
+                yield from (page for page in series.pages if page is not None)
+                self._all_pages_checked = True
             return
         if not dims:
             yield series.keyframe
