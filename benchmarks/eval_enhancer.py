@@ -180,7 +180,9 @@ def _strokes_labels(mask: np.ndarray, seed: int, fraction: float = 0.001) -> np.
     return labels
 
 
-def evaluate(data: Path, quick: bool = False, n_trees: int = 50, models: Path | None = None) -> list[dict[str, object]]:
+def evaluate(
+    data: Path, quick: bool = False, n_trees: int = 50, models: Path | None = None, fraction: float = 0.001
+) -> list[dict[str, object]]:
     """Run every available dataset; return one result row per dataset.
 
     ``models``: a folder with ``mitochondria_em2d/`` and ``membranes_em2d/`` packages to
@@ -201,7 +203,7 @@ def evaluate(data: Path, quick: bool = False, n_trees: int = 50, models: Path | 
         t0 = time.perf_counter()
         for i, (raw, mask) in enumerate(zip(raws, masks)):
             gt = mask > 0
-            labels = _strokes_labels(mask, seed=i)
+            labels = _strokes_labels(mask, seed=i, fraction=fraction)
             n_labels += int((labels > 0).sum())
             prob = forest_probability(raw, labels, n_trees=n_trees, seed=i, features=EVAL_FEATURES)
             for key, pred in (("forest", prob > 0.5), ("enhanced", enh(prob) > 0.5)):
@@ -251,8 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer slices")
     p.add_argument("--trees", type=int, default=50)
     p.add_argument("--models", type=Path, default=None, help="folder of candidate packages (default: bundled)")
+    p.add_argument(
+        "--fraction", type=float, default=0.001, help="share of pixels labelled by the simulated strokes (min 50/class)"
+    )
     args = p.parse_args(argv)
-    rows = evaluate(args.data, quick=args.quick, n_trees=args.trees, models=args.models)
+    if not 0 < args.fraction < 1:
+        p.error(f"--fraction must be between 0 and 1, got {args.fraction}")
+    rows = evaluate(args.data, quick=args.quick, n_trees=args.trees, models=args.models, fraction=args.fraction)
     print()
     print(markdown(rows))
     if args.out is not None:
