@@ -18,6 +18,7 @@ import pytest
 
 from operators.kernels.synthetic import em_like
 from tda_graph.frontends.cli import main
+from tda_graph.workflows import project as project_mod
 from tda_graph.workflows.headless import BatchError, predict_to_file
 from tda_graph.workflows.project import load_project
 
@@ -60,11 +61,16 @@ def work(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def craft(proj: Path, name: str, edit) -> Path:
-    """A copy of ``proj`` named ``name`` with ``edit(h5file)`` applied."""
+    """A copy of ``proj`` named ``name`` with ``edit(h5file)`` applied.
+
+    The metadata digest is recomputed, as anyone crafting a file can: these tests are
+    about what a well-formed but hostile project can make tda do.
+    """
     p = proj.with_name(name)
     shutil.copy(proj, p)
     with h5py.File(p, "a") as f:
         edit(f)
+        f.attrs[project_mod.DIGEST_ATTR] = project_mod._metadata_digest(f)
     return p
 
 

@@ -238,6 +238,55 @@ def test_bit_flipped_on_disk_is_detected(tmp_path: Path, dataset: str) -> None:
         load_project(path)
 
 
+def _flip_unique(path: Path, pattern: bytes, at: int, bit: int = 0x20) -> None:
+    data = bytearray(path.read_bytes())
+    assert data.count(pattern) == 1, f"{pattern!r} occurs {data.count(pattern)} times"
+    data[data.index(pattern) + at] ^= bit
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "at"),
+    [
+        (b"mitochondria-class", 0),  # class name: "Mitochondria-class"
+        (bytes([201, 202, 203]), 1),  # class colour
+        (np.asarray([48, 16], np.int64).tobytes(), 8),  # label block position: x 16 -> 48, still inside
+    ],
+    ids=["class name", "class colour", "label block position"],
+)
+def test_attribute_flipped_on_disk_is_detected(tmp_path: Path, pattern: bytes, at: int) -> None:
+    # fletcher32 covers datasets only; without the metadata digest each of these flips loads
+    # silently: a renamed class, a recoloured class, labels moved to another block
+    store = LabelStore((64, 64), "yx", [LabelClass("mitochondria-class", (201, 202, 203)), "bg"], block_shape=(16, 16))
+    store.paint(Roi((48, 16), (50, 20)), np.ones((2, 4), bool), 1)
+    path = tmp_path / "p.h5"
+    save_project(path, ProjectState(labels=store))
+    _flip_unique(path, pattern, at)
+    with pytest.raises(ProjectError, match=r"corrupt: its metadata .*does not match the stored checksum"):
+        load_project(path)
+    # the escape hatch for a file edited by hand still opens it, with the change visible
+    loaded = load_project(path, verify_metadata=False).labels
+    assert loaded is not None
+    before = (store.classes, store.to_dense().tolist())
+    assert (loaded.classes, loaded.to_dense().tolist()) != before
+
+
+def test_metadata_digest_passes_untouched_files_and_old_files(tmp_path: Path) -> None:
+    path = tmp_path / "p.h5"
+    state = ProjectState(input_path=str(tmp_path / "raw.h5"), axes="yx", selection="default", labels=_labels())
+    save_project(path, state)
+    with h5py.File(path, "r") as f:
+        assert len(f.attrs[project_mod.DIGEST_ATTR]) == 64
+    load_project(path, check_files=False)
+    with h5py.File(path, "r+") as f:
+        f["input"].attrs["axes"] = "xy"  # an edit by hand is caught ...
+    with pytest.raises(ProjectError, match="metadata"):
+        load_project(path, check_files=False)
+    with h5py.File(path, "r+") as f:
+        del f.attrs[project_mod.DIGEST_ATTR]  # ... and a file written before the digest loads unchecked
+    assert load_project(path, check_files=False).axes == "xy"
+
+
 def test_newer_format_refused(tmp_path: Path) -> None:
     path = tmp_path / "p.h5"
     save_project(path, ProjectState())
@@ -293,12 +342,14 @@ def test_corrupt_and_foreign_files(tmp_path: Path) -> None:
     shutil.copy(path, broken)
     with h5py.File(broken, "r+") as f:
         del f["forest/leaf_value"]
+    with pytest.raises(ProjectError, match="is corrupt: its metadata"):
+        load_project(broken)  # the digest notices the missing dataset first ...
     with pytest.raises(ProjectError, match="is corrupt: forest dataset 'leaf_value' is missing"):
-        load_project(broken)
+        load_project(broken, verify_metadata=False)  # ... and the structure checks still name it
     with h5py.File(broken, "r+") as f:
         del f["features"]
     with pytest.raises(ProjectError, match="is corrupt"):
-        load_project(broken)
+        load_project(broken, verify_metadata=False)
 
 
 def test_relative_input_after_moving_folder(workspace: Path, tmp_path: Path) -> None:

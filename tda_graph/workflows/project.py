@@ -10,7 +10,10 @@ Layout of a project file (format ``"tda-graph-project"``, :data:`FORMAT_VERSION`
     /enhancer  attrs: name | path_relative + path_absolute, sha256
 
 Numeric datasets carry HDF5 fletcher32 checksums (a bit flipped on disk is an error
-on loading, not a silently changed label or threshold). Only numbers and strings are
+on loading, not a silently changed label or threshold). Everything fletcher32 cannot
+cover (attributes such as class names, colours, block positions and paths; string
+datasets; the names, shapes and types of all objects) is covered by one SHA-256 digest
+in the root attribute ``metadata_sha256``. Only numbers and strings are
 stored; nothing is ever pickled, and :func:`load_project`
 refuses files holding opaque, object, reference or compound data before reading them.
 Saving writes a temporary file in the same folder, fsyncs it and renames it over
@@ -22,6 +25,7 @@ renamed file is still the one judged stale, so two savers never both hold the lo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import time
@@ -386,6 +390,8 @@ def save_project(path: str | os.PathLike[str], state: ProjectState) -> None:
         _remove_dead_save_temps(target)
         with atomic_path(target) as tmp, h5py.File(tmp, "w") as f:
             _write(f, state, project_dir)
+            # computed from what h5py reads back, the same way load_project recomputes it
+            f.attrs[DIGEST_ATTR] = _metadata_digest(f)
             f.flush()
 
 
@@ -430,6 +436,57 @@ def _write(f: h5py.File, state: ProjectState, project_dir: Path) -> None:
             _write_path(g, e.path, project_dir)
         if e.sha256 is not None:
             g.attrs["sha256"] = e.sha256
+
+
+# -- metadata digest --------------------------------------------------------------------------------
+
+#: Root attribute holding the SHA-256 of everything fletcher32 does not cover.
+DIGEST_ATTR = "metadata_sha256"
+
+
+def _canonical(value: Any) -> bytes:
+    """Bytes of an attribute or string-dataset value that do not depend on how h5py returns it."""
+    if isinstance(value, (str, bytes)):
+        raw = value.encode("utf-8") if isinstance(value, str) else value
+        return b"t%d:" % len(raw) + raw
+    arr = np.asarray(value)
+    if arr.dtype.kind in "OSU":
+        # strings come back as str or bytes depending on the h5py version and object kind
+        return b"a%r:" % (arr.shape,) + b"".join(_canonical(v) for v in arr.ravel().tolist())
+    arr = np.ascontiguousarray(arr)
+    return b"n%s%r:" % (arr.dtype.str.encode(), arr.shape) + arr.tobytes()
+
+
+def _metadata_digest(f: h5py.File) -> str:
+    """SHA-256 of all names, attributes, dataset shapes and types, and string datasets of ``f``."""
+    h = hashlib.sha256()
+    names: list[str] = []
+    f.visit(names.append)
+    for name in ["", *sorted(names)]:
+        obj = f[name] if name else f
+        h.update(b"\0object\0" + name.encode("utf-8"))
+        for key in sorted(obj.attrs):
+            if not name and key == DIGEST_ATTR:
+                continue
+            h.update(b"\0attr\0" + key.encode("utf-8") + b"\0" + _canonical(obj.attrs[key]))
+        if isinstance(obj, h5py.Dataset):
+            h.update(b"\0dataset\0" + obj.dtype.str.encode() + repr(obj.shape).encode())
+            if h5py.check_string_dtype(obj.dtype) is not None:
+                h.update(_canonical(obj[()]))
+    return h.hexdigest()
+
+
+def _verify_metadata(f: h5py.File, target: Path) -> None:
+    if DIGEST_ATTR not in f.attrs:
+        return  # written before the digest existed
+    stored = _text(f.attrs[DIGEST_ATTR])
+    if _metadata_digest(f) != stored:
+        raise ProjectError(
+            f"project {str(target)!r} is corrupt: its metadata (attributes such as class names, colours, "
+            "block positions or paths) does not match the stored checksum, so it was damaged on disk or edited "
+            "outside tda-graph; restore it from a backup, or pass verify_metadata=False to load_project to "
+            "open it anyway"
+        )
 
 
 # -- load -------------------------------------------------------------------------------------------
@@ -491,7 +548,9 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def load_project(path: str | os.PathLike[str], *, check_files: bool = True) -> ProjectState:
+def load_project(
+    path: str | os.PathLike[str], *, check_files: bool = True, verify_metadata: bool = True
+) -> ProjectState:
     """Read a project written by :func:`save_project`.
 
     Parameters
@@ -503,6 +562,11 @@ def load_project(path: str | os.PathLike[str], *, check_files: bool = True) -> P
         then the stored absolute path, then next to the project) and raise if they
         are missing or the enhancer's checksum differs. ``False``: keep the stored
         paths as they are.
+    verify_metadata : bool
+        Check the attributes, names and string datasets against the file's
+        ``metadata_sha256`` digest (files written before the digest existed are
+        not checked). ``False`` opens a file edited by hand; numeric datasets are
+        always checked (fletcher32).
 
     Raises
     ------
@@ -527,7 +591,7 @@ def load_project(path: str | os.PathLike[str], *, check_files: bool = True) -> P
         ) from e
     try:
         with f:
-            return _load_open(f, target, check_files)
+            return _load_open(f, target, check_files, verify_metadata)
     except ProjectError:
         raise
     except (TdaError, KeyError, ValueError, TypeError, OSError, RuntimeError, IndexError) as e:
@@ -540,7 +604,7 @@ def load_project(path: str | os.PathLike[str], *, check_files: bool = True) -> P
         raise ProjectError(f"project {str(target)!r} is corrupt: {why}; restore it from a backup") from e
 
 
-def _load_open(f: h5py.File, target: Path, check_files: bool) -> ProjectState:
+def _load_open(f: h5py.File, target: Path, check_files: bool, verify_metadata: bool = True) -> ProjectState:
     fmt = _text(f.attrs.get("format", ""))
     if fmt != FORMAT_NAME:
         raise ProjectError(f"{str(target)!r} is not a tda-graph project (format attribute {fmt!r})")
@@ -556,6 +620,8 @@ def _load_open(f: h5py.File, target: Path, check_files: bool) -> ProjectState:
     if version < 1:
         raise ProjectError(f"project {str(target)!r} has an invalid format version {version}")
     _check_safe(f)
+    if verify_metadata:
+        _verify_metadata(f, target)
     return _read(f, target.parent, check_files)
 
 
