@@ -469,7 +469,10 @@ def _metadata_digest(f: h5py.File) -> str:
         attrs: dict[str, Any] = {}
         for j in range(h5py.h5a.get_num_attrs(oid)):
             a = h5py.h5a.open(oid, index=j)
-            key, dt, shape = a.name.decode("utf-8"), a.dtype, a.shape
+            key = a.name.decode("utf-8")
+            if not name and key == DIGEST_ATTR:
+                continue
+            dt, shape = a.dtype, a.shape
             if dt.kind in "biuf" and dt.subdtype is None and shape is not None:
                 value = np.empty(shape, dt)
                 a.read(value)
@@ -477,8 +480,6 @@ def _metadata_digest(f: h5py.File) -> str:
             else:  # strings and the like: h5py's own conversions
                 attrs[key] = (f[name] if name else f).attrs[key]
         for key in sorted(attrs):
-            if not name and key == DIGEST_ATTR:
-                continue
             h.update(b"\0attr\0" + key.encode("utf-8") + b"\0" + _canonical(attrs[key]))
         if isinstance(oid, h5py.h5d.DatasetID):
             dt = oid.dtype
