@@ -114,6 +114,71 @@ def test_checkpoint_written(pairs: list[s2d.ForestPair], tmp_path: Path) -> None
     assert state["iteration"] == 1 and len(state["losses"]) == 1
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recalibration_is_a_monotone_remap_that_moves_levels(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    prob = rng.random((32, 32)).astype(np.float32)
+    out = s2d._recalibrate(prob, np.random.default_rng(seed), 1.5)
+    assert out.dtype == np.float32 and 0.0 < out.min() and out.max() < 1.0
+    order = np.argsort(prob, axis=None)
+    assert np.all(np.diff(out.ravel()[order]) >= 0)  # same ranking: shapes are kept, levels move
+    assert np.abs(out - prob).max() > 0.05
+    # strength 0 is the identity (up to the 1e-4 clip)
+    np.testing.assert_allclose(s2d._recalibrate(prob, rng, 0.0), np.clip(prob, 1e-4, 1 - 1e-4), atol=1e-6)
+
+
+def test_calibration_augmentation_changes_inputs_not_targets(pairs: list[s2d.ForestPair]) -> None:
+    p = pairs[0]
+    plain_x, plain_y = s2d._sample_batch(pairs, 8, 64, np.random.default_rng(3))
+    cal_x, cal_y = s2d._sample_batch(pairs, 8, 64, np.random.default_rng(3), calibration=1.5)
+    assert cal_x.shape == plain_x.shape and 0.0 <= cal_x.min() and cal_x.max() <= 1.0
+    assert np.abs(cal_x - plain_x).max() > 0.05
+    assert set(np.unique(cal_y)) <= {0.0, 1.0} and p.target.dtype == np.float32
+    with pytest.raises(SettingsError, match="calibration must be a finite number >= 0"):
+        s2d.train_unet(s2d.build_unet(depth=2, width=4), pairs, iterations=1, patch=64, calibration=-1.0)
+
+
+def test_init_weights_from_package_checkpoint_and_torchscript(pairs: list[s2d.ForestPair], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = s2d.build_unet(depth=2, width=4)
+    ckpt = tmp_path / "ckpt.pt"
+    s2d.train_unet(model, pairs, iterations=1, batch_size=1, patch=64, checkpoint=ckpt)
+    pkg = s2d.export_enhancer(
+        model,
+        tmp_path / "pkg",
+        name="tiny enhancer",
+        description="fine-tuning test",
+        halo=8,
+        min_size=64,
+        step=16,
+        test_input=pairs[0].probability[:64, :64],
+    )
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    for source in (pkg, pkg / "weights_torchscript.pt", ckpt):
+        torch.manual_seed(1)  # another random start, overwritten by the loaded weights
+        fresh = s2d.build_unet(depth=2, width=4).eval()
+        s2d.load_initial_weights(fresh, source)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), want)
+
+
+def test_init_weights_errors_name_the_problem(tmp_path: Path) -> None:
+    model = s2d.build_unet(depth=2, width=4)
+    with pytest.raises(SettingsError, match="no such file or folder"):
+        s2d.load_initial_weights(model, tmp_path / "missing")
+    with pytest.raises(SettingsError, match="no bioimageio.yaml"):
+        s2d.load_initial_weights(model, tmp_path)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(SettingsError, match="not TorchScript weights or a training checkpoint"):
+        s2d.load_initial_weights(model, junk)
+    bundled = bundled_enhancer("mitochondria_em2d")  # depth 3, width 16
+    with pytest.raises(SettingsError, match="does not match a U-Net of depth 2 and width 4.*--depth and --width"):
+        s2d.load_initial_weights(model, bundled)
+
+
 def test_export_passes_bioimageio_test(pairs: list[s2d.ForestPair], tmp_path: Path) -> None:
     from bioimageio.core import load_model_description
     from bioimageio.spec.model import v0_5
@@ -216,6 +281,13 @@ def test_train_enhancer_cli_end_to_end(tmp_path: Path) -> None:
     assert s2d.main(argv + ["--add-data", f"{h5}:raw2", f"{h5}:gt2"]) == 0
     text = (tmp_path / "pkg" / "bioimageio.yaml").read_text()
     assert "raw2" in text and "gt2" in text  # both pairs recorded in the package's training facts
+    tuned = tmp_path / "tuned"
+    argv_ft = (
+        argv[:4] + [str(tuned)] + argv[5:] + ["--init", str(tmp_path / "pkg"), "--calibration", "1", "--lr", "1e-4"]
+    )
+    assert s2d.main(argv_ft) == 0
+    facts = (tuned / "bioimageio.yaml").read_text()
+    assert "init:" in facts and "calibration: 1.0" in facts and "lr: 0.0001" in facts
     with pytest.raises(SettingsError, match=r"gt_bad has \(1, 90, 176\).*same shape"):
         s2d.main(argv + ["--add-data", f"{h5}:raw2", f"{h5}:gt_bad"])
 

@@ -376,11 +376,90 @@ def build_unet(depth: int = 3, width: int = 16, in_channels: int = 1, out_channe
     return net
 
 
-def _augment(prob: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def load_initial_weights(model: Any, source: str | Path) -> None:
+    """Load the weights of an earlier enhancer into ``model`` (to fine-tune it).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        From :func:`build_unet`, with the depth and width of the source.
+    source : path
+        An enhancer package folder written by :func:`export_enhancer` (e.g. a
+        bundled one, ``tda_graph/models/enhancers/mitochondria_em2d``), its
+        TorchScript weights file, or a training checkpoint (``--checkpoint``).
+
+    Raises
+    ------
+    SettingsError
+        When the source is missing, unreadable, or holds another architecture.
+    """
+    import torch
+
+    path = Path(source)
+    if not path.exists():
+        raise SettingsError(f"--init {source}: no such file or folder; give an enhancer package folder or a checkpoint")
+    if path.is_dir():
+        import yaml
+
+        rdf_path = path / "bioimageio.yaml"
+        if not rdf_path.is_file():
+            raise SettingsError(f"--init {source}: the folder has no bioimageio.yaml; give an enhancer package folder")
+        rdf = yaml.safe_load(rdf_path.read_text())
+        ts = ((rdf or {}).get("weights") or {}).get("torchscript") or {}
+        if "source" not in ts:
+            raise SettingsError(f"--init {source}: the package has no TorchScript weights to start from")
+        path = path / str(ts["source"])
+    state: Any = None
+    try:
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except Exception:
+        pass  # not TorchScript: try a checkpoint next
+    if state is None:
+        try:  # weights_only: a checkpoint is read without running pickled code
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise SettingsError(
+                f"--init {source}: not TorchScript weights or a training checkpoint ({type(exc).__name__}: {exc})"
+            ) from None
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SettingsError(f"--init {source}: the checkpoint holds no state_dict of tensors")
+    own = model.state_dict()
+    wrong = sorted(k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape))
+    if wrong or len(state) != len(own):
+        raise SettingsError(
+            f"--init {source}: its network does not match a U-Net of depth {model.depth} and width "
+            f"{model.encoders[0][0].out_channels} (first mismatch: {wrong[0] if wrong else 'extra weights'}); "
+            "give --depth and --width of the model you start from"
+        )
+    model.load_state_dict({k: state[k] for k in own})
+
+
+def _recalibrate(prob: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Random monotone remap of a probability map: ``sigmoid(a * logit(p) + b)``.
+
+    WHY: forests of other sizes, label densities and feature sets give maps of the
+    same shapes at other confidence levels (e.g. a 100-tree forest trained on a few
+    strokes leaves background at 0.4-0.6 where a 15-tree one says 0.1). A network
+    that saw one calibration only reads levels, not shapes; ``b ~ U(-s, s)`` and
+    ``log a ~ U(-s/2, s/2)`` teach it to read shapes.
+    """
+    a = float(np.exp(rng.uniform(-strength / 2, strength / 2)))
+    b = float(rng.uniform(-strength, strength))
+    p = np.clip(prob.astype(np.float64), 1e-4, 1 - 1e-4)
+    return (1.0 / (1.0 + np.exp(-(a * np.log(p / (1 - p)) + b)))).astype(np.float32)
+
+
+def _augment(
+    prob: np.ndarray, target: np.ndarray, rng: np.random.Generator, calibration: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     k = int(rng.integers(4))
     prob, target = np.rot90(prob, k), np.rot90(target, k)
     if rng.random() < 0.5:
         prob, target = prob[:, ::-1], target[:, ::-1]
+    # drawn only when enabled, so that runs without it keep their random stream (old training cards)
+    if calibration > 0 and rng.random() < 0.75:
+        prob = _recalibrate(prob, rng, calibration)
     if rng.random() < 0.5:
         prob = prob + rng.normal(0.0, rng.uniform(0.0, 0.1), prob.shape).astype(np.float32)
         prob = np.clip(prob, 0.0, 1.0)
@@ -388,7 +467,7 @@ def _augment(prob: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> 
 
 
 def _sample_batch(
-    pairs: Sequence[ForestPair], batch_size: int, patch: int, rng: np.random.Generator
+    pairs: Sequence[ForestPair], batch_size: int, patch: int, rng: np.random.Generator, calibration: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for _ in range(batch_size):
@@ -398,7 +477,7 @@ def _sample_batch(
             raise ValueError(f"training crops ({h}x{w}) are smaller than the patch {patch}")
         y0, x0 = int(rng.integers(h - patch + 1)), int(rng.integers(w - patch + 1))
         sl = (slice(y0, y0 + patch), slice(x0, x0 + patch))
-        x, y = _augment(p.probability[sl], p.target[sl], rng)
+        x, y = _augment(p.probability[sl], p.target[sl], rng, calibration)
         xs.append(x)
         ys.append(y)
     return np.stack(xs)[:, None], np.stack(ys)[:, None]
@@ -422,6 +501,7 @@ def train_unet(
     patch: int = 128,
     lr: float = 1e-3,
     seed: int = 0,
+    calibration: float = 0.0,
     time_limit_s: float | None = None,
     checkpoint: str | Path | None = None,
     log: Callable[[str], None] | None = None,
@@ -429,8 +509,9 @@ def train_unet(
 ) -> list[float]:
     """Train ``model`` on random patches of ``pairs`` (Adam, BCE + Dice loss).
 
-    Patches get a random rot90, a random flip and, half the time, Gaussian noise
-    on the probability input. Given the same seed, model initialisation and
+    Patches get a random rot90, a random flip, with ``calibration > 0`` (three
+    times in four) a random monotone remap of the probability input, and half the
+    time Gaussian noise on it. Given the same seed, model initialisation and
     thread count, the run is deterministic (torch's deterministic algorithms
     are enabled for its duration).
 
@@ -448,6 +529,10 @@ def train_unet(
         Learning rate (cosine-annealed to 5% of it).
     seed : int
         Seed of patch sampling and augmentation (and torch's RNG).
+    calibration : float
+        Strength ``s`` of the remap ``sigmoid(a * logit(p) + b)``, ``b ~ U(-s, s)``,
+        ``log a ~ U(-s/2, s/2)``: robustness to forests that are more or less
+        confident than the training forests (0 = off).
     time_limit_s : float, optional
         Stop early once training has taken this long.
     checkpoint : path, optional
@@ -465,6 +550,8 @@ def train_unet(
     """
     import torch
 
+    if not (calibration >= 0 and np.isfinite(calibration)):
+        raise SettingsError(f"calibration must be a finite number >= 0 (0 = off), got {calibration!r}")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     prev_det = torch.are_deterministic_algorithms_enabled()
@@ -481,7 +568,7 @@ def train_unet(
 
     try:
         for step in range(1, int(iterations) + 1):
-            x, y = _sample_batch(pairs, batch_size, patch, rng)
+            x, y = _sample_batch(pairs, batch_size, patch, rng, calibration)
             opt.zero_grad()
             loss = _loss(model(torch.from_numpy(x)), torch.from_numpy(y))
             loss.backward()
@@ -713,6 +800,8 @@ def train_enhancer(
     min_size: int = 64,
     test_size: int = 128,
     scales: Sequence[int] = (1,),
+    calibration: float = 0.0,
+    init: str | Path | None = None,
     time_limit_s: float | None = None,
     checkpoint: str | Path | None = None,
     threads: int | None = 1,
@@ -745,6 +834,13 @@ def train_enhancer(
         at least 16).
     test_size : int
         Side of the stored test tensor (rounded down to a valid size; keeps the package small).
+    scales : sequence of int
+        Downsampling factors the forests see (see :func:`make_forest_predictions`).
+    calibration : float
+        Strength of the probability remap augmentation (see :func:`train_unet`; 0 = off).
+    init : path, optional
+        Start from these weights instead of a random initialisation (fine-tuning;
+        see :func:`load_initial_weights`).
     time_limit_s : float, optional
         Stop the U-Net training after this many seconds.
     checkpoint : path, optional
@@ -775,6 +871,8 @@ def train_enhancer(
         t_forest = time.perf_counter() - t0
         torch.manual_seed(seed)
         model = build_unet(depth=depth, width=width)
+        if init is not None:
+            load_initial_weights(model, init)
         n_params = sum(p.numel() for p in model.parameters())
         if log is not None:
             log(f"U-Net depth {depth} width {width}: {n_params} parameters")
@@ -787,6 +885,7 @@ def train_enhancer(
             patch=train_patch,
             lr=lr,
             seed=seed,
+            calibration=calibration,
             time_limit_s=time_limit_s,
             checkpoint=checkpoint,
             log=log,
@@ -803,6 +902,9 @@ def train_enhancer(
             "width": width,
             "n_trees": n_trees,
             "scales": [int(f) for f in scales],
+            "calibration": float(calibration),
+            "lr": float(lr),
+            **({"init": str(init)} if init is not None else {}),
             "features": [list(f) for f in SHALLOW2DEEP_FEATURES],
             "final_loss": float(np.mean(losses[-50:])),
             "forest_seconds": round(t_forest, 1),
@@ -921,6 +1023,9 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
         width=args.width,
         time_limit_s=args.time_limit,
         scales=_parse_scales(args.scales),
+        calibration=args.calibration,
+        init=args.init,
+        lr=args.lr,
         checkpoint=args.checkpoint,
         threads=args.threads,
         run_test=not args.no_test,
@@ -969,6 +1074,20 @@ def add_train_enhancer_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="1",
         help="downsampling factors the forests see, e.g. 1,2,4 (robustness to pixel size; default 1)",
     )
+    p.add_argument(
+        "--calibration",
+        type=float,
+        default=0.0,
+        help="strength of a random remap sigmoid(a*logit(p)+b) of the forest probability, b in [-s, s], "
+        "log a in [-s/2, s/2]: robustness to more or less confident forests (default 0 = off)",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        help="fine-tune: start from this enhancer package folder, TorchScript file or checkpoint "
+        "(same --depth/--width)",
+    )
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate, cosine-annealed to 5%% (default 1e-3)")
     p.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
     p.add_argument("--checkpoint", default=None, help="training checkpoint file")
     p.add_argument("--threads", type=int, default=1, help="torch threads during training (default 1)")
