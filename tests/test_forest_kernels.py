@@ -163,7 +163,7 @@ def test_nan_inputs_follow_sklearn_missing_value_routing():
 
 def test_nan_in_some_blocks_only():
     # Blocks with NaN take the branchy walk (missing_go_to_left), the others the
-    # lock-step walk: one call mixing both must still equal sklearn everywhere.
+    # partition walk: one call mixing both must still equal sklearn everywhere.
     X, y = make_data(21, 3)
     rng = np.random.default_rng(2)
     X[rng.random(X.shape) < 0.05] = np.nan

@@ -2,8 +2,9 @@
 
 A fitted :class:`sklearn.ensemble.RandomForestClassifier` (or ``ExtraTreesClassifier``)
 is flattened once into plain arrays (:class:`ForestArrays`); :func:`predict_proba`
-evaluates them with a parallel numba kernel (one tree at a time, eight neighbouring
-samples walked branch-free side by side) and reproduces sklearn's ``predict_proba`` to
+evaluates them with a parallel numba kernel (per block of samples and tree, the
+samples go down together: each split partitions the list of those that reached it)
+and reproduces sklearn's ``predict_proba`` to
 about 1e-7 on float32 inputs, including NaN routing.
 
 Node encoding
@@ -15,11 +16,8 @@ index into the node arrays); ``c < 0`` refers to the leaf ``~c`` (a global row o
 ``leaf_value``).  A tree that is a single leaf has no internal nodes; its root is
 ``~leaf_offsets[t]``.
 
-For the CPU walk the nodes are also laid out as one table of 16-byte records
-``[feature, threshold bits, left, right]``: the internal nodes first, then one record
-per leaf that points to itself on both sides (``+inf`` threshold), so a walk may take
-extra steps once it has arrived and eight walks can run in lock-step without a branch
-per step.
+For the GPU walk the nodes are also packed into 16-byte records
+``[feature | missing-go-left << 31, threshold bits, left, right]``.
 """
 
 from __future__ import annotations
@@ -44,10 +42,11 @@ __all__ = [
 #: Version of the array layout (also written to HDF5 by :mod:`forest_io`).
 FORMAT_VERSION = 1
 
-#: Samples per parallel block of the CPU kernel: small enough that a block's rows stay
-#: in the core's caches over all trees, large enough to amortise a task (measured on
-#: EM features: 128 to 16384 all within 10%).
-DEFAULT_BLOCK = 1024
+#: Samples per parallel block of the CPU kernel: small enough that a block's features
+#: stay in the core's L2 cache over all trees, large enough that the per-split overhead
+#: of the partition walk is small (EPFL viewport: 1024 about 10% slower, 4096 and
+#: 16384 alike).
+DEFAULT_BLOCK = 4096
 
 _MGL_BIT = np.int32(-(2**31))  # sign bit of the packed feature word = missing-go-left
 
@@ -80,12 +79,6 @@ def round_threshold_down(threshold: np.ndarray) -> np.ndarray:
         too_big = thr32.astype(np.float64) > thr64  # rounding went up (or overflowed)
     thr32[too_big] = np.nextafter(thr32[too_big], np.float32(-np.inf))
     return thr32
-
-
-def _unified(child: np.ndarray, n_int: int) -> np.ndarray:
-    """Node references (``c >= 0`` node, ``c < 0`` leaf ``~c``) as rows of the walk table."""
-    child = np.asarray(child, dtype=np.int64)
-    return np.where(child >= 0, child, n_int + ~child).astype(np.int32)
 
 
 def _fail(name: str, msg: str) -> None:
@@ -159,8 +152,7 @@ class ForestArrays:
     # Kernel-ready derived data (not part of the stored format).
     _packed: np.ndarray = field(init=False, repr=False)
     _roots: np.ndarray = field(init=False, repr=False)
-    _walk: np.ndarray = field(init=False, repr=False)
-    _walk_roots: np.ndarray = field(init=False, repr=False)
+    _max_tree_nodes: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -175,20 +167,8 @@ class ForestArrays:
         roots = np.where(n_int > 0, self.node_offsets[:-1], ~self.leaf_offsets[:-1]).astype(np.int32)
         object.__setattr__(self, "_packed", packed)
         object.__setattr__(self, "_roots", roots)
-        # CPU lock-step table: internal nodes, then self-looping leaf records.
-        n_int = self.n_nodes
-        walk = np.empty((n_int + self.n_leaves, 4), dtype=np.int32)
-        walk[:n_int, 0] = self.feature  # NaN blocks take the branchy walk, no mgl bit needed
-        walk[:n_int, 1] = self.threshold.view(np.int32)
-        walk[:n_int, 2] = _unified(self.left, n_int)
-        walk[:n_int, 3] = _unified(self.right, n_int)
-        leaf_ids = np.arange(n_int, n_int + self.n_leaves, dtype=np.int32)
-        walk[n_int:, 0] = 0
-        walk[n_int:, 1] = np.array(np.inf, np.float32).view(np.int32)
-        walk[n_int:, 2] = leaf_ids
-        walk[n_int:, 3] = leaf_ids
-        object.__setattr__(self, "_walk", walk.reshape(-1))
-        object.__setattr__(self, "_walk_roots", _unified(roots, n_int).astype(np.uint64))
+        # The CPU partition walk keeps a stack of at most one entry per internal node of a tree.
+        object.__setattr__(self, "_max_tree_nodes", int(n_int.max(initial=0)))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -411,15 +391,6 @@ def forest_arrays_from_trees(trees: Any, classes: np.ndarray, n_features: int) -
 
 
 # ---------------------------------------------------------------------- kernel
-@njit(inline="always")
-def _step(c: Any, row: Any, Xf: Any, walk: Any, walk_thr: Any) -> Any:  # pragma: no cover - compiled
-    # One branch-free step: the child of record c for the sample starting at Xf[row].
-    # Unsigned indices spare numba's negative-index fix-ups (measured: about 2x faster).
-    k = uint64(4) * c
-    x = Xf[row + uint64(walk[k])]
-    return uint64(walk[k + uint64(2) + (uint64(0) if x <= walk_thr[k + uint64(1)] else uint64(1))])
-
-
 @njit(nogil=True, cache=True)
 def _has_nan(Xf: Any, lo: int, hi: int) -> bool:  # pragma: no cover - compiled
     for j in range(lo, hi):
@@ -429,59 +400,76 @@ def _has_nan(Xf: Any, lo: int, hi: int) -> bool:  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def _walk_lanes(
-    Xf: Any, n_feat: int, start: int, stop: int, walk: Any, walk_roots: Any, n_int: int, leaf_value: Any, acc: Any
+def _walk_partition(
+    Xb: Any,
+    nb: int,
+    feature: Any,
+    thr: Any,
+    left: Any,
+    right: Any,
+    roots: Any,
+    leaf_value: Any,
+    acc: Any,
+    buf: Any,
+    st_node: Any,
+    st_s: Any,
+    st_e: Any,
 ) -> None:  # pragma: no cover - compiled
-    # Tree-major, eight neighbouring samples side by side.  Neighbouring pixels mostly
-    # take similar paths, so the group needs few more steps than its average sample
-    # (EPFL viewport: 7.1 vs 5.4), and eight independent load chains overlap where one
-    # branchy walk stalls on every mispredicted split.  (Sixteen lanes spill registers
-    # and were 1.5x slower; four lanes, or four samples x two trees, no faster.)
-    walk_thr = walk.view(np.float32)
-    ni = uint64(n_int)
-    nf = uint64(n_feat)
+    # Tree by tree, the block's samples go down together: each split partitions the
+    # list of sample indices that reached it into the left and the right part, a
+    # branch-free streaming loop with no chain of dependent loads from one level to the
+    # next (a per-sample walk is bound by such chains). ``Xb`` is the block feature-major
+    # (``Xb[f * nb + i]``), ``buf`` two index lists of ``nb`` (the parts are written
+    # from both ends of the other list), and the stack holds (node, start | list << 31,
+    # stop); every index is unsigned, which spares numba's negative-index fix-ups.
     n_classes = leaf_value.shape[1]
-    full = start + ((stop - start) // 8) * 8
-    for t in range(walk_roots.shape[0]):
-        r = walk_roots[t]
-        for i in range(start, full, 8):
-            b0 = uint64(i) * nf
-            b1 = b0 + nf
-            b2 = b1 + nf
-            b3 = b2 + nf
-            b4 = b3 + nf
-            b5 = b4 + nf
-            b6 = b5 + nf
-            b7 = b6 + nf
-            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = r
-            # Arrived walks loop on their leaf record, so stepping all eight until the
-            # last one arrives needs no per-lane branch.
-            while min(min(min(c0, c1), min(c2, c3)), min(min(c4, c5), min(c6, c7))) < ni:
-                c0 = _step(c0, b0, Xf, walk, walk_thr)
-                c1 = _step(c1, b1, Xf, walk, walk_thr)
-                c2 = _step(c2, b2, Xf, walk, walk_thr)
-                c3 = _step(c3, b3, Xf, walk, walk_thr)
-                c4 = _step(c4, b4, Xf, walk, walk_thr)
-                c5 = _step(c5, b5, Xf, walk, walk_thr)
-                c6 = _step(c6, b6, Xf, walk, walk_thr)
-                c7 = _step(c7, b7, Xf, walk, walk_thr)
-            j = i - start
-            for c in range(n_classes):
-                acc[j, c] += leaf_value[c0 - ni, c]
-                acc[j + 1, c] += leaf_value[c1 - ni, c]
-                acc[j + 2, c] += leaf_value[c2 - ni, c]
-                acc[j + 3, c] += leaf_value[c3 - ni, c]
-                acc[j + 4, c] += leaf_value[c4 - ni, c]
-                acc[j + 5, c] += leaf_value[c5 - ni, c]
-                acc[j + 6, c] += leaf_value[c6 - ni, c]
-                acc[j + 7, c] += leaf_value[c7 - ni, c]
-        for i in range(full, stop):
-            b0 = uint64(i) * nf
-            c0 = r
-            while c0 < ni:
-                c0 = _step(c0, b0, Xf, walk, walk_thr)
-            for c in range(n_classes):
-                acc[i - start, c] += leaf_value[c0 - ni, c]
+    unb = uint64(nb)
+    for t in range(roots.shape[0]):
+        for i in range(nb):
+            buf[i] = i
+        st_node[0] = roots[t]
+        st_s[0] = 0
+        st_e[0] = nb
+        sp = 1
+        while sp > 0:
+            sp -= 1
+            node = st_node[sp]
+            s = st_s[sp]
+            e = st_e[sp]
+            which = uint64(s >> 31)
+            s = s & 0x7FFFFFFF
+            so = which * unb
+            if node < 0:  # a leaf: add its class fractions to the samples that reached it
+                leaf = ~node
+                for c in range(n_classes):
+                    v = np.float64(leaf_value[leaf, c])
+                    for i in range(uint64(s), uint64(e)):
+                        acc[uint64(buf[so + i]) * uint64(n_classes) + uint64(c)] += v
+                continue
+            do = (uint64(1) - which) * unb
+            th = thr[node]
+            fo = uint64(feature[node]) * unb
+            lo = do + uint64(s)
+            hi = do + uint64(e - 1)
+            for i in range(so + uint64(s), so + uint64(e)):
+                j = buf[i]
+                go_left = uint64(Xb[fo + uint64(j)] <= th)
+                buf[lo] = j  # both ends are written; only the advancing one keeps it
+                buf[hi] = j
+                lo += go_left
+                hi -= uint64(1) - go_left
+            mid = np.int64(lo - do)
+            flag = np.int64(1 - which) << 31
+            if e > mid:
+                st_node[sp] = right[node]
+                st_s[sp] = mid | flag
+                st_e[sp] = e
+                sp += 1
+            if mid > s:
+                st_node[sp] = left[node]
+                st_s[sp] = s | flag
+                st_e[sp] = mid
+                sp += 1
 
 
 @njit(nogil=True, cache=True)
@@ -520,8 +508,6 @@ def _walk_branchy(
 @njit(parallel=True, nogil=True, cache=True)
 def _predict_kernel(
     X: np.ndarray,
-    walk: np.ndarray,
-    walk_roots: np.ndarray,
     feature: np.ndarray,
     thr: np.ndarray,
     left: np.ndarray,
@@ -530,12 +516,12 @@ def _predict_kernel(
     roots: np.ndarray,
     leaf_value: np.ndarray,
     block: int,
+    max_tree_nodes: int,
     out: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     n, n_feat = X.shape
     n_classes = leaf_value.shape[1]
     n_trees = roots.shape[0]
-    n_int = feature.shape[0]
     Xf = X.reshape(-1)
     n_blocks = (n + block - 1) // block
     for b in prange(n_blocks):
@@ -547,7 +533,18 @@ def _predict_kernel(
         if _has_nan(Xf, start * n_feat, stop * n_feat):
             _walk_branchy(X, start, stop, feature, thr, left, right, mgl, roots, leaf_value, acc)
         else:
-            _walk_lanes(Xf, n_feat, start, stop, walk, walk_roots, n_int, leaf_value, acc)
+            nb = stop - start
+            Xb = np.empty(n_feat * nb, np.float32)
+            for i in range(nb):
+                for f in range(n_feat):
+                    Xb[f * nb + i] = X[start + i, f]
+            buf = np.empty(2 * nb, np.uint32)
+            st_node = np.empty(max_tree_nodes + 2, np.int32)
+            st_s = np.empty(max_tree_nodes + 2, np.int64)
+            st_e = np.empty(max_tree_nodes + 2, np.int64)
+            _walk_partition(
+                Xb, nb, feature, thr, left, right, roots, leaf_value, acc.reshape(-1), buf, st_node, st_s, st_e
+            )
         for i in range(start, stop):
             for c in range(n_classes):
                 out[i, c] = acc[i - start, c] / n_trees
@@ -604,12 +601,11 @@ def predict_proba(
         raise ValueError(f"out must be a writable C-contiguous float32 array of shape {shape}")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    block = min(int(block), 1 << 30)  # the partition walk keeps list positions in 31 bits
     if X.shape[0] == 0:
         return out
     _predict_kernel(
         X,
-        arrays._walk,
-        arrays._walk_roots,
         arrays.feature,
         arrays.threshold,
         arrays.left,
@@ -618,6 +614,7 @@ def predict_proba(
         arrays.roots,
         arrays.leaf_value,
         int(block),
+        arrays._max_tree_nodes,
         out,
     )
     return out
