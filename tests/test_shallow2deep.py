@@ -48,6 +48,30 @@ def test_forest_pairs_are_seeded() -> None:
         np.testing.assert_array_equal(x.probability, y.probability)
 
 
+def test_random_feature_subsets_vary_and_keep_whole_types_and_scales() -> None:
+    rng = np.random.default_rng(0)
+    pool = list(s2d.SHALLOW2DEEP_FEATURES)
+    seen = set()
+    for _ in range(50):
+        sub = s2d._random_feature_subset(pool, rng)
+        assert sub and set(sub) <= set(pool)
+        names, sigmas = {f for f, _ in sub}, {s for _, s in sub}
+        assert set(sub) == {(f, s) for f, s in pool if f in names and s in sigmas}  # a full grid of the kept ones
+        seen.add(tuple(sub))
+    assert len(seen) > 20
+
+
+def test_forest_pairs_with_varied_features_are_seeded_and_differ() -> None:
+    im = em_like((128, 128), seed=4)
+    kw = dict(patch=48, crop=64, n_trees=3, seed=7)
+    a = s2d.make_forest_predictions([im.raw], [im.mitochondria], 3, vary_features=True, **kw)
+    b = s2d.make_forest_predictions([im.raw], [im.mitochondria], 3, vary_features=True, **kw)
+    plain = s2d.make_forest_predictions([im.raw], [im.mitochondria], 3, **kw)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.probability, y.probability)
+    assert any(not np.array_equal(x.probability, y.probability) for x, y in zip(a, plain))
+
+
 def test_bin_means_blocks() -> None:
     a = np.arange(16, dtype=np.uint8).reshape(4, 4)
     np.testing.assert_array_equal(s2d._bin(a, 2), [[2.5, 4.5], [10.5, 12.5]])
@@ -288,6 +312,7 @@ def test_train_enhancer_cli_end_to_end(tmp_path: Path) -> None:
     assert s2d.main(argv_ft) == 0
     facts = (tuned / "bioimageio.yaml").read_text()
     assert "init:" in facts and "calibration: 1.0" in facts and "lr: 0.0001" in facts
+    assert "vary_features: false" in facts
     with pytest.raises(SettingsError, match=r"gt_bad has \(1, 90, 176\).*same shape"):
         s2d.main(argv + ["--add-data", f"{h5}:raw2", f"{h5}:gt_bad"])
 

@@ -204,6 +204,16 @@ def _bin(a: np.ndarray, f: int) -> np.ndarray:
     return a.reshape(h // f, f, w // f, f).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
 
 
+def _random_feature_subset(features: Sequence[tuple[str, float]], rng: np.random.Generator) -> list[tuple[str, float]]:
+    """Keep each feature type and each scale with probability 0.6 (at least one of each)."""
+    names = list(dict.fromkeys(f for f, _ in features))
+    sigmas = list(dict.fromkeys(s for _, s in features))
+    keep_n = [n for n in names if rng.random() < 0.6] or [names[int(rng.integers(len(names)))]]
+    keep_s = [s for s in sigmas if rng.random() < 0.6] or [sigmas[int(rng.integers(len(sigmas)))]]
+    chosen = [(f, s) for f, s in features if f in keep_n and s in keep_s]
+    return chosen or [features[int(rng.integers(len(features)))]]
+
+
 def make_forest_predictions(
     images: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
@@ -216,6 +226,7 @@ def make_forest_predictions(
     seed: int = 0,
     features: Sequence[tuple[str, float]] = SHALLOW2DEEP_FEATURES,
     scales: Sequence[int] = (1,),
+    vary_features: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> list[ForestPair]:
     """Train ``n_forests`` small forests on random sparse labels; return their predictions.
@@ -253,6 +264,10 @@ def make_forest_predictions(
         slice binned by it (raw: mean of each f x f block; ground truth: majority).
         Factors above 1 show the network thinner membranes and smaller objects, as
         in data of a coarser pixel size.
+    vary_features : bool
+        Each forest uses a random part of ``features``: every feature type and every
+        scale is kept with probability 0.6 (at least one of each), as users pick
+        different feature sets; their forests err in different ways.
     log : callable, optional
         Receives progress lines.
 
@@ -299,7 +314,8 @@ def make_forest_predictions(
             raise ValueError("could not find a patch with both classes; check the masks")
         raw = stacks[i][z][region] if f == 1 else _bin(stacks[i][z][region], f)
         labels = _sparse_labels(target, window, rng)
-        feats = features_cpu.compute_features(raw[..., np.newaxis], list(features))
+        chosen = _random_feature_subset(features, rng) if vary_features else list(features)
+        feats = features_cpu.compute_features(raw[..., np.newaxis], chosen)
         prob = forest_probability(raw, labels, n_trees=n_trees, seed=int(rng.integers(2**31)), feature_image=feats)
         pairs.append(ForestPair(prob, target.astype(np.float32), (i, z, y0, x0), int((labels > 0).sum())))
         if log is not None and ((k + 1) % 10 == 0 or k + 1 == n_forests):
@@ -801,6 +817,7 @@ def train_enhancer(
     test_size: int = 128,
     scales: Sequence[int] = (1,),
     calibration: float = 0.0,
+    vary_features: bool = False,
     init: str | Path | None = None,
     time_limit_s: float | None = None,
     checkpoint: str | Path | None = None,
@@ -838,6 +855,8 @@ def train_enhancer(
         Downsampling factors the forests see (see :func:`make_forest_predictions`).
     calibration : float
         Strength of the probability remap augmentation (see :func:`train_unet`; 0 = off).
+    vary_features : bool
+        Each forest uses a random subset of the features (see :func:`make_forest_predictions`).
     init : path, optional
         Start from these weights instead of a random initialisation (fine-tuning;
         see :func:`load_initial_weights`).
@@ -866,7 +885,16 @@ def train_enhancer(
     try:
         t0 = time.perf_counter()
         pairs = make_forest_predictions(
-            images, masks, n_forests, patch=label_patch, crop=crop, n_trees=n_trees, seed=seed, scales=scales, log=log
+            images,
+            masks,
+            n_forests,
+            patch=label_patch,
+            crop=crop,
+            n_trees=n_trees,
+            seed=seed,
+            scales=scales,
+            vary_features=vary_features,
+            log=log,
         )
         t_forest = time.perf_counter() - t0
         torch.manual_seed(seed)
@@ -903,6 +931,7 @@ def train_enhancer(
             "n_trees": n_trees,
             "scales": [int(f) for f in scales],
             "calibration": float(calibration),
+            "vary_features": bool(vary_features),
             "lr": float(lr),
             **({"init": str(init)} if init is not None else {}),
             "features": [list(f) for f in SHALLOW2DEEP_FEATURES],
@@ -1024,6 +1053,7 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
         time_limit_s=args.time_limit,
         scales=_parse_scales(args.scales),
         calibration=args.calibration,
+        vary_features=args.vary_features,
         init=args.init,
         lr=args.lr,
         checkpoint=args.checkpoint,
@@ -1080,6 +1110,11 @@ def add_train_enhancer_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=0.0,
         help="strength of a random remap sigmoid(a*logit(p)+b) of the forest probability, b in [-s, s], "
         "log a in [-s/2, s/2]: robustness to more or less confident forests (default 0 = off)",
+    )
+    p.add_argument(
+        "--vary-features",
+        action="store_true",
+        help="each forest uses a random subset of the feature types and scales (forests that err differently)",
     )
     p.add_argument(
         "--init",
