@@ -392,6 +392,16 @@ def build_unet(depth: int = 3, width: int = 16, in_channels: int = 1, out_channe
     return net
 
 
+def _torchscript_state(path: Path) -> dict[str, Any] | None:
+    """The weights of a TorchScript file, or ``None`` if ``path`` is not one."""
+    import torch
+
+    try:
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    except Exception:
+        return None
+
+
 def load_initial_weights(model: Any, source: str | Path) -> None:
     """Load the weights of an earlier enhancer into ``model`` (to fine-tune it).
 
@@ -425,12 +435,8 @@ def load_initial_weights(model: Any, source: str | Path) -> None:
         if "source" not in ts:
             raise SettingsError(f"--init {source}: the package has no TorchScript weights to start from")
         path = path / str(ts["source"])
-    state: Any = None
-    try:
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
-    except Exception:
-        pass  # not TorchScript: try a checkpoint next
-    if state is None:
+    state = _torchscript_state(path)
+    if state is None:  # not TorchScript: a training checkpoint?
         try:  # weights_only: a checkpoint is read without running pickled code
             ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
