@@ -460,11 +460,11 @@ def load_initial_weights(model: Any, source: str | Path) -> None:
 def _recalibrate(prob: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
     """Random monotone remap of a probability map: ``sigmoid(a * logit(p) + b)``.
 
-    WHY: forests of other sizes, label densities and feature sets give maps of the
-    same shapes at other confidence levels (e.g. a 100-tree forest trained on a few
-    strokes leaves background at 0.4-0.6 where a 15-tree one says 0.1). A network
-    that saw one calibration only reads levels, not shapes; ``b ~ U(-s, s)`` and
-    ``log a ~ U(-s/2, s/2)`` teach it to read shapes.
+    WHY: a trained enhancer reads probability *levels*: where a weak forest leaves
+    cell interiors near 0.5 it sees objects, and shifting that map down by hand
+    fixes it. Remapping with ``b ~ U(-s, s)``, ``log a ~ U(-s/2, s/2)`` shows the
+    network the same shapes at other levels (measured effect: docs/enhancers.md,
+    "Tried, not adopted").
     """
     a = float(np.exp(rng.uniform(-strength / 2, strength / 2)))
     b = float(rng.uniform(-strength, strength))
