@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -22,6 +25,7 @@ from tda_graph.workflows.project import (
     EnhancerRef,
     ProjectError,
     ProjectLockedError,
+    ProjectSaveInProgressWarning,
     ProjectState,
     import_ilastik_project,
     load_project,
@@ -169,17 +173,61 @@ def test_save_is_atomic(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert leftovers == []
 
 
-def test_lock_file_refuses_concurrent_access(workspace: Path) -> None:
+def test_lock_file_refuses_a_second_saver(workspace: Path) -> None:
     path = workspace / "p.h5"
     save_project(path, ProjectState(channel=2))
     lock = workspace / "p.h5.lock"
     lock.write_text(f"{os.getpid()} {os.uname().nodename}\n")  # a live writer
     with pytest.raises(ProjectLockedError, match=r"being written by another process .*delete the lock file"):
-        load_project(path)
-    with pytest.raises(ProjectLockedError, match="being written by another process"):
         save_project(path, ProjectState(channel=3))
     lock.unlink()
     assert load_project(path).channel == 2
+
+
+def test_load_during_a_save_reads_the_previous_save_and_warns(workspace: Path) -> None:
+    path = workspace / "p.h5"
+    save_project(path, ProjectState(channel=2))
+    lock = workspace / "p.h5.lock"
+    lock.write_text(f"{os.getpid()} {os.uname().nodename}\n")  # a live writer that does not finish
+    t0 = time.monotonic()
+    with pytest.warns(ProjectSaveInProgressWarning, match=r"being saved by another process .*previous save"):
+        state = load_project(path, wait=0.3)
+    assert state.channel == 2
+    assert time.monotonic() - t0 >= 0.3  # it waited for the save first
+    assert lock.exists()  # a reader never touches a live lock
+
+
+def test_load_waits_for_a_save_that_finishes(workspace: Path) -> None:
+    path = workspace / "p.h5"
+    save_project(path, ProjectState(channel=2))
+    lock = workspace / "p.h5.lock"
+    lock.write_text(f"{os.getpid()} {os.uname().nodename}\n")
+
+    def finish_save() -> None:  # what a saver does last: rename the new file over the target, drop the lock
+        time.sleep(0.2)
+        save_project(workspace / "new.h5", ProjectState(channel=3))
+        os.replace(workspace / "new.h5", path)
+        lock.unlink()
+
+    saver = threading.Thread(target=finish_save)
+    saver.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ProjectSaveInProgressWarning)
+            assert load_project(path, wait=30.0).channel == 3  # the newest state, no warning
+    finally:
+        saver.join()
+
+
+def test_load_of_a_first_save_in_progress_is_refused(workspace: Path) -> None:
+    path = workspace / "p.h5"
+    lock = workspace / "p.h5.lock"
+    lock.write_text(f"{os.getpid()} {os.uname().nodename}\n")
+    with pytest.raises(ProjectLockedError, match=r"being saved for the first time .*try again when the save"):
+        load_project(path, wait=0.1)
+    lock.unlink()
+    with pytest.raises(ProjectError, match="does not exist; check the path"):
+        load_project(path)
 
 
 def test_stale_lock_is_ignored(workspace: Path) -> None:

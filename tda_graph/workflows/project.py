@@ -20,6 +20,9 @@ Saving writes a temporary file in the same folder, fsyncs it and renames it over
 the target; a ``<project>.lock`` file (created exclusively) marks a save in progress.
 A lock whose process is gone is stale; it is broken by an atomic rename that checks the
 renamed file is still the one judged stale, so two savers never both hold the lock.
+Loading never needs the lock: the file at the target is always a complete save. A load
+that finds a save in progress waits a few seconds for it (to return the newest state),
+then reads the previous save and warns.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import hashlib
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +56,7 @@ __all__ = [
     "EnhancerRef",
     "ProjectError",
     "ProjectLockedError",
+    "ProjectSaveInProgressWarning",
     "ProjectState",
     "import_ilastik_project",
     "load_project",
@@ -69,6 +74,10 @@ class ProjectError(TdaError, ValueError):
 
 class ProjectLockedError(ProjectError):
     """Another process is writing the project file right now."""
+
+
+class ProjectSaveInProgressWarning(UserWarning):
+    """A project was loaded while another process was still saving it (the previous save was read)."""
 
 
 #: Hex SHA-256 digest of a file's contents (the one implementation, in operators.enhancer).
@@ -561,8 +570,19 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _wait_for_save(target: Path, wait: float) -> bool:
+    """Poll the lock of ``target`` for up to ``wait`` seconds; True if a live save still holds it."""
+    lock = _lock_path(target)
+    deadline = time.monotonic() + max(0.0, wait)
+    while lock.exists() and not _lock_is_stale(lock):
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def load_project(
-    path: str | os.PathLike[str], *, check_files: bool = True, verify_metadata: bool = True
+    path: str | os.PathLike[str], *, check_files: bool = True, verify_metadata: bool = True, wait: float = 5.0
 ) -> ProjectState:
     """Read a project written by :func:`save_project`.
 
@@ -580,19 +600,39 @@ def load_project(
         ``metadata_sha256`` digest (files written before the digest existed are
         not checked). ``False`` opens a file edited by hand; numeric datasets are
         always checked (fletcher32).
+    wait : float
+        If another process is saving the project, wait up to this many seconds
+        for the save to finish so that the newest state is read. Saves replace the
+        file atomically, so after the wait the previous complete save is read, with
+        a :class:`ProjectSaveInProgressWarning`.
 
     Raises
     ------
     ProjectLockedError
-        If the project is being written right now.
+        If the project is being written for the first time (no earlier save to read)
+        and the save did not finish within ``wait`` seconds.
     ProjectError
         If the file is missing, corrupt, not a project, written by a newer
         version, holds unsafe (opaque/object) data, or its files are missing.
     """
     target = Path(path).absolute()
-    lock = _lock_path(target)
-    if lock.exists() and not _lock_is_stale(lock):
-        raise ProjectLockedError(_locked_message(target, lock))
+    # WHY no refusal: a save renames a complete temp file over the target, so the target is
+    # always a whole project; refusing loads during a save only made readers (a batch job, a
+    # second viewer) fail whenever an autosave happened to run.
+    if _wait_for_save(target, wait):
+        lock = _lock_path(target)
+        if not target.exists():
+            raise ProjectLockedError(
+                f"project {str(target)!r} is being saved for the first time by another process "
+                f"(lock file {str(lock)!r}) and has no earlier save to read; try again when the save "
+                "has finished, or delete the lock file if no process is writing it"
+            )
+        warnings.warn(
+            f"project {str(target)!r} is being saved by another process (lock file {str(lock)!r}); "
+            f"read its previous save. Load it again after the save to get the newest state.",
+            ProjectSaveInProgressWarning,
+            stacklevel=2,
+        )
     if not target.is_file():
         raise ProjectError(f"project file {str(target)!r} does not exist; check the path")
     try:
