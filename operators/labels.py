@@ -285,39 +285,115 @@ class LabelStore(Operator):
             self._notify(changed)
 
     def save_h5(self, group: Any) -> None:
-        """Write the sparse blocks into an h5py group (one dataset per block, position attribute)."""
+        """Write the labelled blocks into an h5py group.
+
+        Layout :data:`H5_LAYOUT` (2): attributes ``shape``, ``axes``, ``block_shape``,
+        ``class_names``, ``class_colors``, ``layout``; dataset ``starts`` (int64,
+        ``(n, ndim)``: first voxel of each block) and ``blocks`` (uint8,
+        ``(n, *block_shape)``, one gzip chunk per block, blocks at the image edge
+        zero-padded). Both datasets carry fletcher32 checksums. Empty stores write
+        no datasets.
+        """
         with self._lock:
-            items = [(i, b.copy()) for i, b in self._blocks.items() if b.any()]
+            items = sorted((i, b.copy()) for i, b in self._blocks.items() if b.any())
         group.attrs["shape"] = np.asarray(self._spec.shape)
         group.attrs["axes"] = self._spec.axes
         group.attrs["block_shape"] = np.asarray(self.block_shape)
         group.attrs["class_names"] = np.asarray([c.name for c in self._classes], dtype=object)
         group.attrs["class_colors"] = np.asarray([c.color for c in self._classes], dtype=np.uint8).reshape(-1, 3)
-        for n, (idx, b) in enumerate(sorted(items)):
-            # fletcher32: HDF5 checks every chunk when reading, so a bit flipped on disk in the
-            # user's labels is an error, not a silently changed pixel
-            ds = group.create_dataset(f"block{n:06d}", data=b, compression="gzip", fletcher32=True)
-            ds.attrs["start"] = np.asarray(self.block_roi(idx).start)
+        group.attrs["layout"] = np.int64(H5_LAYOUT)
+        if not items:
+            return
+        # WHY two datasets, not one per block: a project with thousands of label blocks had
+        # thousands of HDF5 objects, each opened, named and digested on every load.
+        # fletcher32: HDF5 checks every chunk when reading, so a bit flipped on disk in the
+        # user's labels or in a block position is an error, not silently moved labels.
+        starts = np.asarray([self.block_roi(i).start for i, _ in items], dtype=np.int64)
+        group.create_dataset("starts", data=starts, fletcher32=True, chunks=starts.shape)
+        blocks = group.create_dataset(
+            "blocks",
+            shape=(len(items), *self.block_shape),
+            dtype=np.uint8,
+            chunks=(1, *self.block_shape),
+            compression="gzip",
+            fletcher32=True,
+        )
+        for k0 in range(0, len(items), _H5_BATCH):
+            part = items[k0 : k0 + _H5_BATCH]
+            buf = np.zeros((len(part), *self.block_shape), np.uint8)
+            for j, (_, b) in enumerate(part):
+                buf[(j, *(slice(0, n) for n in b.shape))] = b
+            blocks[k0 : k0 + len(part)] = buf
 
     @classmethod
     def load_h5(cls, group: Any, *, name: str | None = None) -> LabelStore:
-        """Rebuild a store written by :meth:`save_h5`, checking shapes and values."""
+        """Rebuild a store written by :meth:`save_h5` (this layout or the older one), checking shapes and values."""
         try:
             shape = tuple(int(v) for v in group.attrs["shape"])
             axes = str(group.attrs["axes"])
             bshape = tuple(int(v) for v in group.attrs["block_shape"])
             names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["class_names"]]
             colors = np.asarray(group.attrs["class_colors"]).reshape(-1, 3)
+            layout = int(group.attrs.get("layout", 1))
         except KeyError as e:
             raise LabelError(f"label group {group.name!r} lacks attribute {e}; it was not written by tda-graph") from e
+        if layout not in (1, H5_LAYOUT):
+            raise LabelError(
+                f"label group {group.name!r} has layout {layout}; this tda-graph reads layouts 1 and "
+                f"{H5_LAYOUT}: upgrade tda-graph to read it"
+            )
         classes = [LabelClass(n, tuple(int(c) for c in col)) for n, col in zip(names, colors)]
         store = cls(shape, axes, classes, block_shape=bshape, name=name)
-        for key in group:
-            ds = group[key]
-            start = tuple(int(v) for v in ds.attrs.get("start", ()))
-            data = ds[()]
-            if len(start) != len(shape) or data.dtype != np.uint8:
-                raise LabelError(f"label block {ds.name!r} is malformed (start {start}, dtype {data.dtype})")
-            store.load_dense(data, offset=start)
+        if layout == 1:
+            _load_h5_layout1(store, group, shape)
+        else:
+            _load_h5_layout2(store, group, shape, bshape)
         store._undo.clear()
         return store
+
+
+#: Version of the HDF5 layout :meth:`LabelStore.save_h5` writes (1: one dataset per block).
+H5_LAYOUT = 2
+#: Blocks read or written per HDF5 call (64 blocks of 64^3 voxels: 16 MiB).
+_H5_BATCH = 64
+
+
+def _load_h5_layout1(store: LabelStore, group: Any, shape: tuple[int, ...]) -> None:
+    # one dataset per block, its position in a "start" attribute (tda-graph before layout 2)
+    for key in group:
+        ds = group[key]
+        start = tuple(int(v) for v in ds.attrs.get("start", ()))
+        data = ds[()]
+        if len(start) != len(shape) or data.dtype != np.uint8:
+            raise LabelError(f"label block {ds.name!r} is malformed (start {start}, dtype {data.dtype})")
+        store.load_dense(data, offset=start)
+
+
+def _load_h5_layout2(store: LabelStore, group: Any, shape: tuple[int, ...], bshape: tuple[int, ...]) -> None:
+    keys = sorted(group)
+    if keys not in ([], ["blocks", "starts"]) or not all(hasattr(group[k], "dtype") for k in keys):
+        raise LabelError(f"label group {group.name!r} is malformed: expected datasets starts and blocks, got {keys}")
+    if not keys:
+        return
+    starts_ds, blocks = group["starts"], group["blocks"]
+    n = blocks.shape[0] if blocks.ndim else -1
+    if (
+        blocks.dtype != np.uint8
+        or blocks.shape[1:] != bshape
+        or starts_ds.ndim != 2
+        or starts_ds.shape != (n, len(shape))
+        or starts_ds.dtype.kind not in "iu"
+    ):
+        raise LabelError(
+            f"label group {group.name!r} is malformed: blocks {blocks.shape} {blocks.dtype} and starts "
+            f"{starts_ds.shape} {starts_ds.dtype} do not match the block shape {bshape}"
+        )
+    starts = starts_ds[()].astype(np.int64)
+    for k0 in range(0, n, _H5_BATCH):
+        batch = blocks[k0 : k0 + _H5_BATCH]
+        for j, start in enumerate(starts[k0 : k0 + _H5_BATCH]):
+            # blocks at the image edge were zero-padded to the block shape
+            size = [min(b, m - s) for b, m, s in zip(bshape, shape, start.tolist())]
+            if min(size) < 1 or start.min() < 0:
+                raise LabelError(f"label block {k0 + j} of {group.name!r} starts at {start.tolist()}, outside {shape}")
+            store.load_dense(batch[(j, *(slice(0, m) for m in size))], offset=start.tolist())

@@ -95,6 +95,57 @@ def test_dense_import_export_and_hdf5_round_trip(tmp_path, rng):
     assert back.block_shape == (8, 32, 32)
 
 
+def test_hdf5_layout_stores_two_datasets_and_pads_edge_blocks(tmp_path, rng):
+    g, lab, events, sub = make((20, 70, 90), block_shape=(8, 32, 32))
+    dense = (rng.random((20, 70, 90)) < 0.01).astype(np.uint8) * rng.integers(1, 4, (20, 70, 90)).astype(np.uint8)
+    lab.load_dense(dense)
+    with h5py.File(tmp_path / "l.h5", "w") as f:
+        lab.save_h5(f.create_group("labels"))
+    with h5py.File(tmp_path / "l.h5", "r") as f:
+        grp = f["labels"]
+        assert sorted(grp) == ["blocks", "starts"] and grp.attrs["layout"] == 2
+        n = len(lab.labelled_blocks())
+        assert grp["blocks"].shape == (n, 8, 32, 32) and grp["starts"].shape == (n, 3)
+        assert grp["blocks"].fletcher32 and grp["starts"].fletcher32
+        # an edge block (x from 64, 26 wide) is padded with zeros, which are not labels
+        k = int(np.flatnonzero(grp["starts"][:, 2] == 64)[0])
+        assert not grp["blocks"][k][:, :, 26:].any()
+        back = LabelStore.load_h5(grp)
+    np.testing.assert_array_equal(back.to_dense(), dense)
+    assert back.labelled_blocks().keys() == lab.labelled_blocks().keys()
+
+
+def test_hdf5_empty_store_round_trip(tmp_path):
+    g, lab, events, sub = make((20, 70, 90), block_shape=(8, 32, 32))
+    with h5py.File(tmp_path / "l.h5", "w") as f:
+        lab.save_h5(f.create_group("labels"))
+    with h5py.File(tmp_path / "l.h5", "r") as f:
+        assert list(f["labels"]) == []
+        back = LabelStore.load_h5(f["labels"])
+    assert not back.to_dense().any() and back.class_names == lab.class_names
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda g: g.attrs.__setitem__("layout", 7), r"layout 7; .*upgrade tda-graph"),
+        (lambda g: g.__delitem__("starts"), r"expected datasets starts and blocks, got \['blocks'\]"),
+        (lambda g: g.create_group("extra"), r"expected datasets starts and blocks"),
+        (lambda g: g.attrs.__setitem__("block_shape", np.asarray([8, 16, 32])), r"do not match the block shape"),
+        (lambda g: g["starts"].__setitem__((0, 1), 500), r"starts at \[\d+, 500, \d+\], outside"),
+    ],
+    ids=["newer layout", "starts missing", "extra object", "block shape", "start outside"],
+)
+def test_hdf5_malformed_label_group_is_refused(tmp_path, damage, message):
+    g, lab, events, sub = make((20, 70, 90), block_shape=(8, 32, 32))
+    lab.paint(Roi((2, 3, 4), (4, 9, 70)), np.ones((2, 6, 66), bool), 2)
+    with h5py.File(tmp_path / "l.h5", "w") as f:
+        lab.save_h5(f.create_group("labels"))
+        damage(f["labels"])
+    with h5py.File(tmp_path / "l.h5", "r") as f, pytest.raises(LabelError, match=message):
+        LabelStore.load_h5(f["labels"])
+
+
 def test_set_classes_refuses_removing_used_class():
     g, lab, events, sub = make()
     lab.paint(Roi((0, 0), (1, 1)), np.ones((1, 1)), 3)

@@ -270,10 +270,13 @@ def test_two_savers_breaking_one_stale_lock_do_not_both_write(workspace: Path, m
     assert load_project(path).channel == 8 and not list(workspace.glob(".p.h5.lock.*"))
 
 
-@pytest.mark.parametrize("dataset", ["forest/threshold", "forest/leaf_value", "features/sigmas"])
+@pytest.mark.parametrize(
+    "dataset", ["forest/threshold", "forest/leaf_value", "features/sigmas", "labels/starts", "labels/blocks"]
+)
 def test_bit_flipped_on_disk_is_detected(tmp_path: Path, dataset: str) -> None:
-    # a flipped threshold or leaf value passes every shape and bound check; the stored
-    # checksum (HDF5 fletcher32) is what catches it
+    # a flipped threshold, leaf value or label block position passes every shape and bound
+    # check (a moved block stays inside the image); the stored checksum (HDF5 fletcher32)
+    # is what catches it
     path = tmp_path / "p.h5"
     save_project(path, ProjectState(selection="default", labels=_labels(), forest=_forest()))
     with h5py.File(path, "r") as f:
@@ -298,9 +301,8 @@ def _flip_unique(path: Path, pattern: bytes, at: int, bit: int = 0x20) -> None:
     [
         (b"mitochondria-class", 0),  # class name: "Mitochondria-class"
         (bytes([201, 202, 203]), 1),  # class colour
-        (np.asarray([48, 16], np.int64).tobytes(), 8),  # label block position: x 16 -> 48, still inside
     ],
-    ids=["class name", "class colour", "label block position"],
+    ids=["class name", "class colour"],
 )
 def test_attribute_flipped_on_disk_is_detected(tmp_path: Path, pattern: bytes, at: int) -> None:
     # fletcher32 covers datasets only; without the metadata digest each of these flips loads
@@ -333,6 +335,38 @@ def test_metadata_digest_passes_untouched_files_and_old_files(tmp_path: Path) ->
     with h5py.File(path, "r+") as f:
         del f.attrs[project_mod.DIGEST_ATTR]  # ... and a file written before the digest loads unchecked
     assert load_project(path, check_files=False).axes == "xy"
+
+
+def _rewrite_labels_as_format_1(path: Path) -> None:
+    """Turn a saved project into what tda-graph wrote before format 2: one dataset per label block."""
+    with h5py.File(path, "r+") as f:
+        g = f["labels"]
+        starts, blocks = g["starts"][()], g["blocks"][()]
+        shape = tuple(g.attrs["shape"])
+        del g["starts"], g["blocks"], g.attrs["layout"]
+        for n, (start, block) in enumerate(zip(starts, blocks)):
+            crop = tuple(slice(0, min(b, m - s)) for b, m, s in zip(block.shape, shape, start))
+            ds = g.create_dataset(f"block{n:06d}", data=block[crop], compression="gzip", fletcher32=True)
+            ds.attrs["start"] = start
+        f.attrs["format_version"] = 1
+        f.attrs[project_mod.DIGEST_ATTR] = project_mod._metadata_digest(f)
+
+
+def test_format_1_projects_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "p.h5"
+    store = _labels()  # 40 x 50 in 16 x 16 blocks: edge blocks are clipped
+    save_project(path, ProjectState(labels=store))
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 2 and sorted(f["labels"]) == ["blocks", "starts"]
+        n = len(store.labelled_blocks())
+        assert f["labels/blocks"].shape == (n, 16, 16)  # edge blocks zero-padded
+    _rewrite_labels_as_format_1(path)
+    with h5py.File(path, "r") as f:
+        assert sorted(f["labels"]) == [f"block{k:06d}" for k in range(n)]
+    loaded = load_project(path).labels
+    assert loaded is not None
+    np.testing.assert_array_equal(loaded.to_dense(), store.to_dense())
+    assert loaded.classes == store.classes
 
 
 def test_newer_format_refused(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ Layout of a project file (format ``"tda-graph-project"``, :data:`FORMAT_VERSION`
     attrs:     format, format_version, writer
     /input     attrs: path_relative, path_absolute, inner_path, axes, channel   (all optional)
     /features  attrs: in_2d;  datasets: feature_ids (utf-8), sigmas (float64)
-    /labels    LabelStore.save_h5 layout (sparse uint8 blocks, class names and colours)
+    /labels    LabelStore.save_h5 layout (labelled uint8 blocks and their starts, class names and colours)
     /forest    operators.kernels.forest_io layout (plain arrays)
     /enhancer  attrs: name | path_relative + path_absolute, sha256
 
@@ -64,8 +64,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "tda-graph-project"
-#: Version of the project layout this code writes (and the newest it reads).
-FORMAT_VERSION = 1
+#: Version of the project layout this code writes (and the newest it reads). 2: labels in
+#: LabelStore layout 2 (two datasets instead of one per block); version 1 files still load.
+FORMAT_VERSION = 2
 
 
 class ProjectError(TdaError, ValueError):
