@@ -805,7 +805,7 @@ def measure_halo(model: Any, probe: np.ndarray, *, step: int = 16, positions: in
 
     WHY measured, not computed: a U-Net's nominal receptive field counts every level, but
     levels whose ReLUs died in training add nothing (a trained depth-4 enhancer reacted
-    to pixels 33 px away, a depth-3 one 53 px), and a declared halo smaller than the
+    to pixels 31 px away, a depth-3 one 51 px), and a declared halo smaller than the
     real reach leaves seams between tiles (16 px on a depth-3 model changed 0.2 % of the
     thresholded pixels of an EPFL slice).
 
