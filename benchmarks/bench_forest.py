@@ -27,6 +27,7 @@ from operators.kernels.forest_cpu import (  # noqa: E402
     DEFAULT_BLOCK,
     forest_arrays_from_sklearn,
     predict_proba,
+    simd_available,
 )
 
 SCALES = (0.7, 1.0, 1.6, 3.5, 5.0, 10.0)
@@ -147,9 +148,15 @@ def main() -> None:
     out = np.empty((X.shape[0], arrays.n_classes), np.float32)
     t_nb, p_nb = best(lambda: predict_proba(arrays, X, out=out, block=args.block))
     n = X.shape[0]
+    kernel = "AVX2" if simd_available() else "scalar"
     print(f"sklearn predict_proba (n_jobs=2): {t_sk:.3f} s  {n / t_sk / 1e6:.2f} M samples/s")
-    print(f"numba predict_proba (block={args.block}): {t_nb:.3f} s  {n / t_nb / 1e6:.2f} M samples/s")
+    print(f"numba predict_proba ({kernel} kernel, block={args.block}): {t_nb:.3f} s  {n / t_nb / 1e6:.2f} M samples/s")
     print(f"speed-up: {t_sk / t_nb:.2f}x")
+    if simd_available():
+        predict_proba(arrays, X[:100], block=args.block, simd=False)
+        t_sc, p_sc = best(lambda: predict_proba(arrays, X, block=args.block, simd=False))
+        same = "bit-identical" if np.array_equal(p_sc, p_nb) else "DIFFERENT"
+        print(f"scalar kernel: {t_sc:.3f} s, speed-up {t_sk / t_sc:.2f}x ({same} to the AVX2 kernel)")
     print(f"max |diff|: {np.abs(p_nb.astype(np.float64) - p_sk).max():.3g}")
 
 

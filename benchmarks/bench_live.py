@@ -111,24 +111,34 @@ def live(
 
 
 def _race(clf, X: np.ndarray, repeat: int = 5) -> dict:
-    """Median seconds of our kernel and of sklearn's ``predict_proba`` (n_jobs=-1) on ``X``, alternating."""
+    """Median seconds of our kernel (AVX2 where available, and the scalar one) and of
+    sklearn's ``predict_proba`` (n_jobs=-1) on ``X``, alternating."""
     arrays = forest_cpu.forest_arrays_from_sklearn(clf)
     X = np.ascontiguousarray(X, dtype=np.float32)
-    forest_cpu.predict_proba(arrays, X[:1000])  # compile / warm
-    ours_t, sk_t = [], []
+    simd = forest_cpu.simd_available()
+    for s in {simd, False}:
+        forest_cpu.predict_proba(arrays, X[:1000], simd=s)  # compile / warm
+    ours_t, scalar_t, sk_t = [], [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        ours = forest_cpu.predict_proba(arrays, X)
+        ours = forest_cpu.predict_proba(arrays, X, simd=simd)
         ours_t.append(time.perf_counter() - t0)
+        if simd:
+            t0 = time.perf_counter()
+            forest_cpu.predict_proba(arrays, X, simd=False)
+            scalar_t.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         ref = clf.predict_proba(X)
         sk_t.append(time.perf_counter() - t0)
     t_ours, t_sk = statistics.median(ours_t), statistics.median(sk_t)
+    t_scalar = statistics.median(scalar_t) if simd else t_ours
     depth = statistics.mean(e.tree_.max_depth for e in clf.estimators_)
     return {
         "ours_s": t_ours,
         "sklearn_s": t_sk,
         "ratio": t_sk / t_ours,
+        "kernel": "AVX2" if simd else "scalar",
+        "scalar_s": t_scalar,
         "max_diff": float(np.abs(ours - ref).max()),
         "n": X.shape[0],
         "depth": depth,
@@ -198,8 +208,10 @@ def main() -> None:
     for what, f in (("the 2D run's forest on its 512x512 viewport", fl), ("deep forest on random rows", fs)):
         print(
             f"forest prediction, {what} ({a.trees} trees, mean depth {f['depth']:.1f}, {f['nodes']} split nodes, "
-            f"{f['n']} samples): ours {f['ours_s'] * 1e3:.0f} ms, sklearn predict_proba (n_jobs=-1) "
-            f"{f['sklearn_s'] * 1e3:.0f} ms -> {f['ratio']:.2f}x (max |diff| {f['max_diff']:.1e}; medians, alternating)"
+            f"{f['n']} samples): ours ({f['kernel']} kernel) {f['ours_s'] * 1e3:.0f} ms, sklearn predict_proba "
+            f"(n_jobs=-1) {f['sklearn_s'] * 1e3:.0f} ms -> {f['ratio']:.2f}x (scalar kernel "
+            f"{f['scalar_s'] * 1e3:.0f} ms, {f['sklearn_s'] / f['scalar_s']:.2f}x; max |diff| {f['max_diff']:.1e}; "
+            "medians, alternating)"
         )
 
 

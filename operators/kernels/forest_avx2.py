@@ -1,0 +1,156 @@
+"""The AVX2 variant of :mod:`operators.kernels.forest_cpu`'s partition walk.
+
+Imported by :func:`operators.kernels.forest_cpu.predict_proba` only where
+:func:`operators.kernels.simd_x86.avx2_available` is true: compiling these kernels for a
+CPU without AVX2 fails.  Same comparisons and the same summation order as the scalar
+kernel, so the results are bit-identical to it (``tests/test_forest_simd.py``).
+
+numba's on-disk cache keys on this file alone: after editing the helpers imported from
+``forest_cpu`` in a checkout, touch this file (or clear ``__pycache__``) so the cached
+kernel is rebuilt with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit, prange, uint64
+
+from .forest_cpu import (
+    _block_buffers,
+    _feature_major,
+    _leaf_sums,
+    _leaf_votes,
+    _push_children,
+    _split_scalar,
+    _walk_branchy,
+    _write_block,
+)
+from .simd_x86 import left_pack_table, partition8, partition8_iota
+
+__all__ = ["predict_kernel_avx2", "LEFT_PACK"]
+
+#: The permutation table the kernel's partition steps read (simd_x86.left_pack_table).
+LEFT_PACK = left_pack_table()
+
+
+@njit(nogil=True, cache=True)
+def _walk_partition_avx2(
+    Xb: Any,
+    nb: int,
+    feature: Any,
+    thr: Any,
+    left: Any,
+    right: Any,
+    roots: Any,
+    leaf_value: Any,
+    leaf_class: Any,
+    vote: bool,
+    acc: Any,
+    votes: Any,
+    buf: Any,
+    st_node: Any,
+    st_s: Any,
+    st_e: Any,
+    lut: Any,
+) -> None:  # pragma: no cover - compiled
+    # :func:`_walk_partition` with eight indices per step (simd_x86.partition8) while
+    # at least 16 free slots remain between the two ends of the output list, then
+    # the scalar loop.  The root's list is 0..nb-1, so it is never written out and
+    # its feature values are read with one contiguous load per eight samples.
+    unb = uint64(nb)
+    step = uint64(8)
+    for t in range(roots.shape[0]):
+        root = roots[t]
+        if root < 0:  # a tree that is a single leaf
+            for i in range(nb):
+                buf[i] = i
+            if vote:
+                _leaf_votes(buf, uint64(0), unb, ~root, leaf_class, votes, leaf_value.shape[1])
+            else:
+                _leaf_sums(buf, uint64(0), unb, ~root, leaf_value, acc)
+            continue
+        th = thr[root]
+        fo = uint64(feature[root]) * unb
+        lo = unb
+        hi = unb + unb - uint64(1)
+        i = uint64(0)
+        while i + uint64(16) <= unb:
+            n_left = partition8_iota(buf, i, Xb, fo, th, lo, hi, lut)
+            lo += n_left
+            hi -= step - n_left
+            i += step
+        while i < unb:
+            go_left = uint64(Xb[fo + i] <= th)
+            buf[lo] = np.uint32(i)
+            buf[hi] = np.uint32(i)
+            lo += go_left
+            hi -= uint64(1) - go_left
+            i += uint64(1)
+        sp = _push_children(st_node, st_s, st_e, 0, left[root], right[root], 0, np.int64(lo - unb), nb, 0)
+        while sp > 0:
+            sp -= 1
+            node = st_node[sp]
+            s = st_s[sp]
+            e = st_e[sp]
+            which = uint64(s >> 31)
+            s = s & 0x7FFFFFFF
+            so = which * unb
+            if node < 0:
+                if vote:
+                    _leaf_votes(buf, so + uint64(s), so + uint64(e), ~node, leaf_class, votes, leaf_value.shape[1])
+                else:
+                    _leaf_sums(buf, so + uint64(s), so + uint64(e), ~node, leaf_value, acc)
+                continue
+            do = (uint64(1) - which) * unb
+            th = thr[node]
+            fo = uint64(feature[node]) * unb
+            lo = do + uint64(s)
+            hi = do + uint64(e - 1)
+            i = so + uint64(s)
+            end = so + uint64(e)
+            while i + uint64(16) <= end:
+                n_left = partition8(buf, i, Xb, fo, th, lo, hi, lut)
+                lo += n_left
+                hi -= step - n_left
+                i += step
+            lo, hi = _split_scalar(buf, i, end, Xb, fo, th, lo, hi)
+            sp = _push_children(st_node, st_s, st_e, sp, left[node], right[node], s, np.int64(lo - do), e, which)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def predict_kernel_avx2(
+    X: np.ndarray,
+    feature: np.ndarray,
+    thr: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    mgl: np.ndarray,
+    roots: np.ndarray,
+    leaf_value: np.ndarray,
+    leaf_class: np.ndarray,
+    vote: bool,
+    block: int,
+    max_tree_nodes: int,
+    out: np.ndarray,
+    lut: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    n = X.shape[0]
+    n_classes = leaf_value.shape[1]
+    n_blocks = (n + block - 1) // block
+    for b in prange(n_blocks):
+        start = b * block
+        stop = min(n, start + block)
+        nb = stop - start
+        acc, votes, buf, st_node, st_s, st_e = _block_buffers(nb, n_classes, vote, max_tree_nodes)
+        Xb, nan = _feature_major(X, start, stop)
+        if nan:
+            _walk_branchy(X, start, stop, feature, thr, left, right, mgl, roots, leaf_value, acc)
+            _write_block(out, start, acc, votes, False, roots.shape[0])
+            continue
+        _walk_partition_avx2(
+            Xb, nb, feature, thr, left, right, roots, leaf_value, leaf_class, vote, acc.reshape(-1), votes, buf,
+            st_node, st_s, st_e, lut,
+        )  # fmt: skip
+        _write_block(out, start, acc, votes, vote, roots.shape[0])

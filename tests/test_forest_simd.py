@@ -1,0 +1,122 @@
+"""The AVX2 forest kernel and the vote counting give exactly the scalar kernel's results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
+
+from operators.kernels import forest_cpu, simd_x86
+from operators.kernels.forest_cpu import forest_arrays_from_sklearn, predict_proba, simd_available
+
+needs_avx2 = pytest.mark.skipif(not simd_available(), reason="needs an x86-64 CPU with AVX2")
+
+
+def make_data(seed: int, n_classes: int, n: int, n_features: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, n_features)).astype(np.float32)
+    score = X[:, 0] - 0.7 * X[:, 1] ** 2 + X[:, 2] * X[:, 3] + 0.4 * rng.normal(size=n)
+    edges = np.quantile(score, np.linspace(0, 1, n_classes + 1)[1:-1])
+    X[:, -1] = np.round(X[:, -1] * 3) / 3  # ties, and inputs exactly on thresholds
+    return X, np.searchsorted(edges, score)
+
+
+def with_votes(arrays: forest_cpu.ForestArrays, on: bool) -> forest_cpu.ForestArrays:
+    # The same forest with vote counting switched on or off (a derived kernel flag).
+    copy = forest_cpu.ForestArrays(
+        **{f: getattr(arrays, f) for f in forest_cpu.ForestArrays.__dataclass_fields__ if not f.startswith("_")}
+    )
+    object.__setattr__(copy, "_one_hot", on)
+    return copy
+
+
+FORESTS = [
+    # (seed, classes, trees, max_depth, estimator): grown to purity -> one-hot leaves
+    (0, 2, 50, None, RandomForestClassifier),
+    (1, 3, 30, None, RandomForestClassifier),
+    (2, 5, 20, None, ExtraTreesClassifier),
+    # depth-limited -> fractional leaves, the float64 sums
+    (3, 2, 40, 4, RandomForestClassifier),
+    (4, 4, 25, 7, RandomForestClassifier),
+]
+
+
+@needs_avx2
+@pytest.mark.parametrize(("seed", "n_classes", "trees", "depth", "cls"), FORESTS)
+@pytest.mark.parametrize("block", [1, 15, 16, 17, 23, 40, 4096])
+def test_avx2_kernel_is_bit_identical_to_the_scalar_kernel(seed, n_classes, trees, depth, cls, block):
+    X, y = make_data(seed, n_classes, 700)
+    clf = cls(n_estimators=trees, max_depth=depth, random_state=seed).fit(X, y)
+    arrays = forest_arrays_from_sklearn(clf)
+    assert arrays._one_hot == (depth is None)
+    X_test = make_data(seed + 50, n_classes, 2999)[0]
+    X_test[::97] = X[: X_test[::97].shape[0]]  # training rows: inputs land on leaf boundaries
+    simd = predict_proba(arrays, X_test, block=block, simd=True)
+    scalar = predict_proba(arrays, X_test, block=block, simd=False)
+    np.testing.assert_array_equal(simd, scalar)
+    np.testing.assert_allclose(simd, clf.predict_proba(X_test), rtol=0, atol=1e-6)
+
+
+@needs_avx2
+def test_avx2_kernel_with_nan_blocks_single_leaf_trees_and_one_class():
+    X, y = make_data(5, 3, 300)
+    # Bootstraps of 3 samples: some trees see one class and are a single leaf.
+    clf = RandomForestClassifier(60, max_samples=3, random_state=0).fit(X, y)
+    arrays = forest_arrays_from_sklearn(clf)
+    assert (arrays.roots < 0).any() and (arrays.roots >= 0).any()
+    X_test = make_data(6, 3, 1000)[0]
+    X_test[500, 2] = np.nan  # one block of 64 takes the NaN walk
+    simd = predict_proba(arrays, X_test, block=64, simd=True)
+    np.testing.assert_array_equal(simd, predict_proba(arrays, X_test, block=64, simd=False))
+    np.testing.assert_allclose(simd, clf.predict_proba(X_test), atol=1e-6)
+    one = RandomForestClassifier(4, random_state=0).fit(X, np.zeros(300, int))
+    np.testing.assert_array_equal(predict_proba(forest_arrays_from_sklearn(one), X_test, simd=True), 1.0)
+
+
+@pytest.mark.parametrize(("seed", "n_classes", "trees", "depth", "cls"), FORESTS[:3])
+def test_votes_equal_the_float64_sums_exactly(seed, n_classes, trees, depth, cls):
+    X, y = make_data(seed, n_classes, 500)
+    arrays = forest_arrays_from_sklearn(cls(n_estimators=trees, max_depth=depth, random_state=seed).fit(X, y))
+    X_test = make_data(seed + 9, n_classes, 1500)[0]
+    for simd in [False, True] if simd_available() else [False]:
+        votes = predict_proba(with_votes(arrays, True), X_test, simd=simd)
+        sums = predict_proba(with_votes(arrays, False), X_test, simd=simd)
+        np.testing.assert_array_equal(votes, sums)
+
+
+def test_fractional_leaves_are_not_counted_as_votes():
+    X, y = make_data(7, 2, 400)
+    arrays = forest_arrays_from_sklearn(RandomForestClassifier(10, max_depth=2, random_state=0).fit(X, y))
+    assert not arrays._one_hot
+
+
+def test_simd_true_without_avx2_is_a_clear_error(monkeypatch):
+    X, y = make_data(8, 2, 200)
+    arrays = forest_arrays_from_sklearn(RandomForestClassifier(5, random_state=0).fit(X, y))
+    monkeypatch.setattr(forest_cpu, "simd_available", lambda: False)
+    with pytest.raises(ValueError, match="simd=True needs an x86-64 CPU with AVX2"):
+        predict_proba(arrays, X, simd=True)
+    # the default then takes the scalar kernel
+    np.testing.assert_array_equal(predict_proba(arrays, X), predict_proba(arrays, X, simd=False))
+
+
+def test_avx2_is_not_used_for_a_portable_numba_target(monkeypatch):
+    import numba
+
+    simd_x86.avx2_available.cache_clear()
+    monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
+    try:
+        assert simd_x86.avx2_available() is False
+    finally:
+        simd_x86.avx2_available.cache_clear()
+
+
+def test_left_pack_table_rows_are_permutations_that_keep_lane_order():
+    table = simd_x86.left_pack_table()
+    assert table.shape == (256, 16) and table.dtype == np.int32
+    for m in range(256):
+        left = [k for k in range(8) if m >> k & 1]
+        right = [k for k in range(8) if not m >> k & 1]
+        assert list(table[m, : len(left)]) == left
+        # stored at the top end of the list, which grows downwards: first right-goer last
+        assert list(table[m, 16 - len(right) :][::-1]) == right
