@@ -9,12 +9,13 @@ on ilastik features of that slice, and compare
 
 with the ground truth (foreground IoU and Dice, pooled over the slices of a
 dataset). The enhancer runs on the whole slice, reflect-padded by its halo and
-to a valid input size, through the package's TorchScript weights.
+to a valid input size, through the package's TorchScript weights; with ``--tta``
+averaged over its 8 flips and quarter turns (:mod:`operators.kernels.tta`).
 
 Usage::
 
     python benchmarks/eval_enhancer.py [--data ../shared/data] [--out results.json] [--quick]
-        [--fraction 0.001] [--seed 0] [--only mitochondria_em2d|membranes_em2d] [--models FOLDER]
+        [--fraction 0.001] [--seed 0] [--only mitochondria_em2d|membranes_em2d] [--models FOLDER] [--tta]
 
 Datasets (skipped when a file is missing)
 -----------------------------------------
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from operators.kernels.tta import predict_augmented  # noqa: E402
 from tda_graph.models import bundled_enhancer  # noqa: E402
 from tda_graph.workflows.shallow2deep import forest_probability  # noqa: E402
 from tda_graph.workflows.strokes import simulate_strokes  # noqa: E402
@@ -66,9 +68,10 @@ EVAL_FEATURES: list[tuple[str, float]] = [
 
 
 class TorchscriptEnhancer:
-    """Whole-image inference with a package's TorchScript weights."""
+    """Whole-image inference with a package's TorchScript weights (``tta``: averaged over flips and turns)."""
 
-    def __init__(self, package: Path) -> None:
+    def __init__(self, package: Path, tta: bool = False) -> None:
+        self.tta = tta
         import torch
         import yaml
 
@@ -88,6 +91,11 @@ class TorchscriptEnhancer:
         return self.min + max(0, -(-(n - self.min) // self.step)) * self.step
 
     def __call__(self, prob: np.ndarray) -> np.ndarray:
+        if self.tta:
+            return predict_augmented(self._once, prob, n_spatial=2)
+        return self._once(prob)
+
+    def _once(self, prob: np.ndarray) -> np.ndarray:
         import torch
 
         h, w = prob.shape
@@ -189,13 +197,15 @@ def evaluate(
     fraction: float = 0.001,
     seed: int = 0,
     only: str | None = None,
+    tta: bool = False,
 ) -> list[dict[str, object]]:
     """Run every available dataset; return one result row per dataset.
 
     ``models``: a folder with ``mitochondria_em2d/`` and ``membranes_em2d/`` packages to
     evaluate instead of the bundled ones (e.g. a retrained candidate). ``seed``: slice
     ``i`` gets strokes and forest seed ``1000 * seed + i`` (0: the published table).
-    ``only``: evaluate one enhancer's rows.
+    ``only``: evaluate one enhancer's rows. ``tta``: average the enhancer over flips and
+    quarter turns (:mod:`operators.kernels.tta`).
     """
     import torch
 
@@ -206,7 +216,8 @@ def evaluate(
         if only is not None and name != only:
             continue
         if name not in enhancers:
-            enhancers[name] = TorchscriptEnhancer(models / name if models is not None else bundled_enhancer(name))
+            package = models / name if models is not None else bundled_enhancer(name)
+            enhancers[name] = TorchscriptEnhancer(package, tta=tta)
         enh = enhancers[name]
         domain = "same" if source in enh.trained_on else "other"
         counts = {"forest": np.zeros(3), "enhanced": np.zeros(3)}  # intersection, |pred|, |gt|
@@ -228,6 +239,7 @@ def evaluate(
             "labelled_fraction": n_labels / raws.size,
             "seconds": round(time.perf_counter() - t0, 1),
             "seed": seed,
+            "tta": tta,
         }
         for key, (inter, p, g) in counts.items():
             row[f"{key}_iou"] = float(inter / max(1.0, p + g - inter))
@@ -270,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=0, help="stroke and forest seed offset (default 0: the docs' table)")
     p.add_argument("--only", choices=["mitochondria_em2d", "membranes_em2d"], default=None, help="one enhancer's rows")
+    p.add_argument("--tta", action="store_true", help="average the enhancer over flips and quarter turns (8x slower)")
     args = p.parse_args(argv)
     if not 0 < args.fraction < 1:
         p.error(f"--fraction must be between 0 and 1, got {args.fraction}")
@@ -281,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         fraction=args.fraction,
         seed=args.seed,
         only=args.only,
+        tta=args.tta,
     )
     print()
     print(markdown(rows))

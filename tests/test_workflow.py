@@ -84,6 +84,14 @@ def test_demo_command_writes_outputs(tmp_path, capsys):
     assert (tmp_path / "overview.png").stat().st_size > 1000
 
 
+def test_demo_with_test_time_augmentation(tmp_path):
+    args = ["demo", "--out", str(tmp_path), "--size", "256", "--trees", "20", "--pixels", "40"]
+    assert main([*args, "--tta"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["enhancer"] == "membranes_em2d (bundled, tta)"
+    assert summary["enhanced_iou"] > summary["forest_iou"]
+
+
 def test_workflow_with_enhancer_channel_and_stroke(shared_data):
     model = shared_data.parent / "models" / "unet2d_nuclei_broad"
     if not model.exists():

@@ -78,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         enhancer = f"{target}_em2d"
         if enhancer in bundled_enhancers():
-            wf.set_enhancer(enhancer)
+            wf.set_enhancer(enhancer, tta=args.tta)
             t1 = time.perf_counter()
             enh = wf.request("enhanced")[..., 0]
             t_enh = time.perf_counter() - t1
@@ -92,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "target": target,
         "forest_iou": round(_iou(seg == 2, gt), 4),
         "enhanced_iou": enhanced_iou,
-        "enhancer": f"{target}_em2d (bundled)" if enhanced_iou is not None else None,
+        "enhancer": f"{target}_em2d (bundled{', tta' if args.tta else ''})" if enhanced_iou is not None else None,
         "enhancer_s": None if t_enh is None else round(t_enh, 3),
         "chance_iou": round(_iou(np.ones_like(gt), gt), 4),
         "first_prediction_s": round(t_first, 3),
@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
     d.add_argument("--dot", action="store_true", help="also print the graph in Graphviz dot syntax")
     d.add_argument("--no-enhancer", action="store_true", help="skip the bundled enhancer")
+    d.add_argument("--tta", action="store_true", help="average the enhancer over flips and quarter turns (8x its time)")
     d.add_argument(
         "--target",
         default="membranes",
