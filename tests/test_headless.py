@@ -8,6 +8,7 @@ import pytest
 
 from operators.kernels.synthetic import em_like
 from tda_graph.frontends.cli import main
+from tda_graph.models import bundled_enhancers
 from tda_graph.workflows.headless import predict_to_file
 from tda_graph.workflows.pixel_classification import TrainableDomainAdaptation
 from tda_graph.workflows.project import load_project
@@ -375,3 +376,23 @@ def test_train_reads_chunked_labels_block_by_block(tmp_path, monkeypatch):
     np.testing.assert_array_equal(load_project(proj).labels.to_dense(), lab)
     with pytest.raises(Exception, match=r"integers 0\.\.255.*found 300 in block"):
         _sparse_label_blocks(open_image(f"{tmp_path}/l.h5:/wide"), "wide")
+
+
+@pytest.mark.skipif("mitochondria_em2d" not in bundled_enhancers(), reason="bundled enhancer not installed")
+def test_tta_is_stored_in_the_project_and_used_by_predict(trained, capsys):
+    d, _, _ = trained
+    args = ["train", "--image", f"{d}/img.h5:/raw", "--labels", f"{d}/img.h5:/labels", "--trees", "5"]
+    assert main([*args, "--project", str(d / "t.tdap"), "--tta"]) != 0
+    assert "tta needs an enhancer" in capsys.readouterr().err
+    outputs = {}
+    for name, extra in (("plain", []), ("tta", ["--tta"])):
+        proj = d / f"{name}.tdap"
+        assert main([*args, "--project", str(proj), "--enhancer", "mitochondria_em2d", *extra]) == 0
+        assert load_project(proj).enhancer.tta is bool(extra)
+        out = f"{d}/{name}.h5:/enh"
+        predict = ["predict", "--project", str(proj), "--input", f"{d}/img.h5:/raw", "--output", out]
+        assert main([*predict, "--export", "enhanced", "--quiet"]) == 0
+        with h5py.File(d / f"{name}.h5") as f:
+            outputs[name] = f["enh"][...]
+    assert outputs["tta"].shape == outputs["plain"].shape
+    assert np.abs(outputs["tta"] - outputs["plain"]).max() > 1e-3  # the stored flag reached the enhancer

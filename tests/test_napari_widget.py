@@ -47,6 +47,7 @@ from tda_graph.frontends.napari_widget import (  # noqa: E402
     _camera,
 )
 from tda_graph.models import bundled_enhancers  # noqa: E402
+from tda_graph.workflows.project import load_project  # noqa: E402
 
 SIZE = 128
 FAST = {"GaussianSmoothing": [0.7, 1.6], "LaplacianOfGaussian": [1.6], "HessianOfGaussianEigenvalues": [1.6]}
@@ -228,6 +229,36 @@ def test_enhancer_channel_selector_and_project_round_trip(qtbot, setup, tmp_path
             atol=1e-5,
         )
         np.testing.assert_allclose(viewer2.layers[ENHANCED_NAME].data, enh.data, atol=1e-4)
+        assert not w2.tta_check.isChecked() and not w2.wf.enhanced.settings.tta
+    finally:
+        w2.close_workflow()
+
+
+@pytest.mark.skipif("mitochondria_em2d" not in bundled_enhancers(), reason="bundled enhancer not installed")
+def test_tta_check_box_reruns_the_enhancer_and_is_saved(qtbot, setup, tmp_path):
+    viewer, w, em = setup
+    paint_two_classes(qtbot, viewer, w, em)
+    n = w.updates
+    w.set_model("mitochondria_em2d")
+    wait_update(qtbot, w, n)
+    plain = viewer.layers[ENHANCED_NAME].data.copy()
+    n = w.updates
+    w.tta_check.setChecked(True)  # re-applies the model with test-time augmentation
+    qtbot.waitUntil(lambda: w.wf.enhanced is not None and w.wf.enhanced.settings.tta, timeout=WAIT_MS)
+    wait_update(qtbot, w, n)
+    assert not np.allclose(viewer.layers[ENHANCED_NAME].data, plain, atol=1e-4)
+    path = tmp_path / "tta.tdap"
+    w.save_project(path)
+    qtbot.waitUntil(lambda: not w.busy and w.status.startswith("saved"), timeout=WAIT_MS)
+    assert load_project(path).enhancer.tta
+    viewer2 = ViewerModel()
+    viewer2.add_image(em.raw, name="em")
+    w2 = TdaWidget(viewer2, n_trees=16, workers=2, debounce_ms=10)
+    qtbot.addWidget(w2)
+    try:
+        w2.load_project(path)
+        qtbot.waitUntil(lambda: not w2.busy and w2.wf is not None and w2.wf.enhanced is not None, timeout=WAIT_MS)
+        assert w2.tta_check.isChecked() and w2.wf.enhanced.settings.tta
     finally:
         w2.close_workflow()
 

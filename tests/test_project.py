@@ -551,3 +551,14 @@ def test_import_ilastik_external_input(tmp_path: Path) -> None:
     g = Graph(workers=1)
     src = g.add(state.open_input())
     assert g.spec(src).shape == (8, 30, 40)
+
+
+def test_enhancer_tta_flag_round_trips_and_is_checked(tmp_path: Path) -> None:
+    for tta in (False, True):
+        state = ProjectState(enhancer=EnhancerRef(name="mitochondria_em2d", tta=tta))
+        save_project(tmp_path / "p.h5", state)
+        with h5py.File(tmp_path / "p.h5") as f:
+            assert ("tta" in f["enhancer"].attrs) is tta  # absent when off: older readers see the same file
+        assert load_project(tmp_path / "p.h5").enhancer.tta is tta
+    with pytest.raises(ProjectError, match="tta must be True or False"):
+        EnhancerRef(name="x", tta=1)

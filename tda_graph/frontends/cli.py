@@ -152,6 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         n_trees=args.trees,
         seed=args.seed,
         enhancer=args.enhancer,
+        tta=args.tta,
         allow_code=args.allow_code,
     )
     counts = state.labels.counts() if state.labels is not None else {}
@@ -328,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trees", type=int, default=100, help="forest size (default: %(default)s)")
     t.add_argument(
         "--enhancer", default=None, help="bundled enhancer name ('tda models'), a model package folder or a .zip"
+    )
+    t.add_argument(
+        "--tta",
+        action="store_true",
+        help="run the enhancer with test-time augmentation (8 orientations averaged; 8x slower); stored in the project",
     )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--allow-code", action="store_true", help=_ALLOW_CODE_HELP)

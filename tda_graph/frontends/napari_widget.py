@@ -347,6 +347,10 @@ class TdaWidget(QWidget):
         browse.setToolTip("choose a local model package (.zip or bioimageio.yaml)")
         browse.clicked.connect(self._browse_model)
         mrow.addWidget(browse)
+        self.tta_check = QCheckBox("TTA")
+        self.tta_check.setToolTip("test-time augmentation: average the enhancer over 8 orientations (8x slower)")
+        self.tta_check.toggled.connect(self._tta_toggled)
+        mrow.addWidget(self.tta_check)
         apply = QPushButton("Apply")
         apply.clicked.connect(lambda: self._guarded(self.set_model, self.model_combo.currentText()))
         mrow.addWidget(apply)
@@ -656,26 +660,38 @@ class TdaWidget(QWidget):
         if path:
             self.model_combo.setCurrentText(path)
 
-    def set_model(self, source: str | None) -> Any:
+    def set_model(self, source: str | None, tta: bool | None = None) -> Any:
         """Load an enhancer in a worker thread: bundled name, package folder / ``.zip`` / yaml, or zoo id.
 
-        ``None`` or ``"(no enhancer)"`` removes the enhancer. Returns the queued job's handle.
+        ``None`` or ``"(no enhancer)"`` removes the enhancer. ``tta``: test-time
+        augmentation (default: the TTA check box). Returns the queued job's handle.
         """
         if self.wf is None:
             raise SettingsError("press Start first")
         source = None if source in (None, "", NO_MODEL) else os.path.expanduser(str(source))
         if self.model_combo.currentText() != (source or NO_MODEL):
             self.model_combo.setCurrentText(source or NO_MODEL)
+        if tta is not None and self.tta_check.isChecked() != bool(tta):
+            self.tta_check.blockSignals(True)
+            self.tta_check.setChecked(bool(tta))
+            self.tta_check.blockSignals(False)
+        tta = self.tta_check.isChecked()
         self._set_status("loading enhancer …" if source else "enhancer removed")
-        return self._submit("model", lambda: (self._load_model, (self.wf, source)), self._model_loaded)
+        return self._submit("model", lambda: (self._load_model, (self.wf, source, tta)), self._model_loaded)
+
+    def _tta_toggled(self, on: bool) -> None:
+        if self.wf is not None and self.model_source is not None:
+            self._guarded(self.set_model, self.model_source)
 
     @staticmethod
-    def _load_model(wf: TrainableDomainAdaptation, source: str | None) -> tuple[TrainableDomainAdaptation, str | None]:
+    def _load_model(
+        wf: TrainableDomainAdaptation, source: str | None, tta: bool = False
+    ) -> tuple[TrainableDomainAdaptation, str | None]:
         # worker thread: loading a bioimage.io package takes seconds
         if source is None:
             wf.remove_enhancer()
         else:
-            wf.set_enhancer(source)
+            wf.set_enhancer(source, tta=tta)
         return wf, source
 
     def _model_loaded(self, result: tuple[TrainableDomainAdaptation, str | None]) -> None:
@@ -869,7 +885,7 @@ class TdaWidget(QWidget):
         self._set_status(f"loaded {path}")
         if state.enhancer is not None:
             try:  # a bundled name or an existing local package; a project never makes us download
-                self.set_model(enhancer_source(state.enhancer))
+                self.set_model(enhancer_source(state.enhancer), tta=state.enhancer.tta)
             except TdaError as e:
                 self._set_status(f"loaded {path}; enhancer not set: {e}")
         self.request_update()
@@ -892,12 +908,13 @@ def _save_workflow(wf: TrainableDomainAdaptation, path: str, input_path: str | N
             if _not_ready(e) is None:
                 raise
     ref = None
+    tta = bool(wf.enhanced is not None and wf.enhanced.settings.tta)
     if model is not None:
         if model in bundled_enhancers():
-            ref = EnhancerRef(name=model)
+            ref = EnhancerRef(name=model, tta=tta)
         elif wf.enhanced is not None:
             local = Path(wf.enhanced.model.source)  # a zoo id is stored as its cached package
-            ref = EnhancerRef.from_file(local / "bioimageio.yaml" if local.is_dir() else local)
+            ref = EnhancerRef.from_file(local / "bioimageio.yaml" if local.is_dir() else local, tta=tta)
     state = ProjectState(
         input_path=input_path if input_path and Path(input_path).exists() else None,
         selection=wf.features.settings.selection,

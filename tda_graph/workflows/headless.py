@@ -31,12 +31,12 @@ from .pixel_classification import TrainableDomainAdaptation
 from .project import EnhancerRef, ProjectState, load_project, save_project
 
 
-def enhancer_ref(model: str, *, allow_code: bool = False) -> EnhancerRef:
+def enhancer_ref(model: str, *, allow_code: bool = False, tta: bool = False) -> EnhancerRef:
     """A project reference to a bundled enhancer name, a package folder, a yaml or a ``.zip``; checked by loading.
 
     ``allow_code`` permits packages whose weights run Python code from the package
     (``pytorch_state_dict``). The permission is not stored in the project: every
-    ``predict`` has to be given it again.
+    ``predict`` has to be given it again. ``tta`` (test-time augmentation) is stored.
     """
     from operators.enhancer import load_enhancer_model
     from tda_graph.models import bundled_enhancers
@@ -44,7 +44,7 @@ def enhancer_ref(model: str, *, allow_code: bool = False) -> EnhancerRef:
     bundled = bundled_enhancers()
     if model in bundled:
         load_enhancer_model(str(bundled[model]), allow_code=allow_code)
-        return EnhancerRef(name=model)
+        return EnhancerRef(name=model, tta=tta)
     p = Path(model)
     if not p.exists():
         names = ", ".join(bundled) or "none"
@@ -52,7 +52,7 @@ def enhancer_ref(model: str, *, allow_code: bool = False) -> EnhancerRef:
             f"enhancer {model!r} is neither a bundled enhancer ({names}) nor an existing package folder, yaml or .zip"
         )
     load_enhancer_model(str(p), allow_code=allow_code)  # a package that fails to load fails now, not at predict time
-    return EnhancerRef.from_file(p / "bioimageio.yaml" if p.is_dir() else p)
+    return EnhancerRef.from_file(p / "bioimageio.yaml" if p.is_dir() else p, tta=tta)
 
 
 def enhancer_source(ref: EnhancerRef) -> str:
@@ -154,6 +154,7 @@ def train_project(
     class_names: Sequence[str] | None = None,
     enhancer: str | None = None,
     allow_code: bool = False,
+    tta: bool = False,
 ) -> ProjectState:
     """Train a forest from an image and a sparse label image and save a project.
 
@@ -171,10 +172,15 @@ def train_project(
     allow_code : bool
         Accept an enhancer package whose only weights run Python code from the
         package (``pytorch_state_dict``); not stored in the project.
+    tta : bool
+        Run the enhancer with test-time augmentation (8x slower, slightly better);
+        stored in the project, used by ``predict``.
     """
     from operators import LabelStore
 
-    ref = enhancer_ref(enhancer, allow_code=allow_code) if enhancer else None
+    if tta and not enhancer:
+        raise BatchError("tta needs an enhancer: add --enhancer NAME_OR_PATH (or drop --tta)")
+    ref = enhancer_ref(enhancer, allow_code=allow_code, tta=tta) if enhancer else None
     src = open_image(image, axes=axes, name="raw")
     lab_src = open_image(labels, name="labels")
     img_spec, lab_spec = src.output_spec({}), lab_src.output_spec({})
@@ -328,7 +334,7 @@ def _build(
             wf.close()
             raise BatchError("the project has no enhancer; train it with 'tda train ... --enhancer NAME_OR_PATH'")
         try:
-            wf.set_enhancer(enhancer_source(state.enhancer), allow_code=allow_code)
+            wf.set_enhancer(enhancer_source(state.enhancer), allow_code=allow_code, tta=state.enhancer.tta)
         except TdaError:
             wf.close()
             raise

@@ -7,7 +7,7 @@ Layout of a project file (format ``"tda-graph-project"``, :data:`FORMAT_VERSION`
     /features  attrs: in_2d;  datasets: feature_ids (utf-8), sigmas (float64)
     /labels    LabelStore.save_h5 layout (labelled uint8 blocks and their starts, class names and colours)
     /forest    operators.kernels.forest_io layout (plain arrays)
-    /enhancer  attrs: name | path_relative + path_absolute, sha256
+    /enhancer  attrs: name | path_relative + path_absolute, sha256, tta (optional)
 
 Numeric datasets carry HDF5 fletcher32 checksums (a bit flipped on disk is an error
 on loading, not a silently changed label or threshold). Everything fletcher32 cannot
@@ -97,25 +97,30 @@ class EnhancerRef:
         Weights file; stored relative to the project and absolute.
     sha256 : str, optional
         Hex digest of the weights file; checked on load when the file is found.
+    tta : bool
+        Run the enhancer with test-time augmentation (``Enhancer(tta=True)``).
     """
 
     name: str | None = None
     path: str | None = None
     sha256: str | None = None
+    tta: bool = False
 
     def __post_init__(self) -> None:
         if (self.name is None) == (self.path is None):
             raise ProjectError("an enhancer reference needs exactly one of name= (bundled model) or path= (file)")
+        if not isinstance(self.tta, bool):
+            raise ProjectError(f"tta must be True or False, got {self.tta!r}")
         if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
             raise ProjectError(f"sha256 must be 64 lower-case hex digits, got {self.sha256!r}")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> EnhancerRef:
+    def from_file(cls, path: str | os.PathLike[str], *, tta: bool = False) -> EnhancerRef:
         """A reference to a weights file, with its digest computed now."""
         p = Path(path).resolve()
         if not p.is_file():
             raise ProjectError(f"enhancer weights file {str(p)!r} does not exist")
-        return cls(path=str(p), sha256=sha256_file(p))
+        return cls(path=str(p), sha256=sha256_file(p), tta=tta)
 
 
 @dataclass(frozen=True)
@@ -446,6 +451,8 @@ def _write(f: h5py.File, state: ProjectState, project_dir: Path) -> None:
             _write_path(g, e.path, project_dir)
         if e.sha256 is not None:
             g.attrs["sha256"] = e.sha256
+        if e.tta:  # absent = off, so projects without it read the same in older versions
+            g.attrs["tta"] = np.uint8(1)
 
 
 # -- metadata digest --------------------------------------------------------------------------------
@@ -704,8 +711,9 @@ def _read(f: h5py.File, project_dir: Path, check_files: bool) -> ProjectState:
     if "enhancer" in f:
         e = f["enhancer"].attrs
         sha = _text(e["sha256"]) if "sha256" in e else None
+        tta = bool(e.get("tta", 0))
         if "name" in e:
-            enhancer = EnhancerRef(name=_text(e["name"]), sha256=sha)
+            enhancer = EnhancerRef(name=_text(e["name"]), sha256=sha, tta=tta)
         else:
             epath = _resolve(
                 "enhancer weights file",
@@ -719,7 +727,7 @@ def _read(f: h5py.File, project_dir: Path, check_files: bool) -> ProjectState:
                     f"enhancer weights file {epath!r} does not match the project's checksum "
                     f"(sha256 {sha}); restore the original file or set the enhancer again"
                 )
-            enhancer = EnhancerRef(path=epath, sha256=sha)
+            enhancer = EnhancerRef(path=epath, sha256=sha, tta=tta)
     return ProjectState(
         input_path=input_path,
         input_inner_path=inner,
