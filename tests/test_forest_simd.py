@@ -107,6 +107,10 @@ def test_avx2_is_not_used_for_a_portable_numba_target(monkeypatch):
     monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
     try:
         assert simd_x86.avx2_available() is False
+        monkeypatch.setattr(numba.config, "CPU_NAME", None)
+        monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+        simd_x86.avx2_available.cache_clear()
+        assert simd_x86.avx2_available() is False
     finally:
         simd_x86.avx2_available.cache_clear()
 

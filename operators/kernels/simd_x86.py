@@ -41,16 +41,17 @@ def avx2_available() -> bool:
     Returns
     -------
     bool
-        False on other architectures, on x86 CPUs without AVX2, or when
-        ``NUMBA_CPU_NAME`` asks numba for a portable (non-host) target.
+        False on other architectures, on x86 CPUs without AVX2, when
+        ``NUMBA_CPU_NAME`` asks numba for a portable (non-host) target, or when
+        ``NUMBA_DISABLE_JIT`` is set.
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     import numba
     from llvmlite import binding
 
-    if numba.config.CPU_NAME not in (None, "host"):
-        return False
+    if numba.config.CPU_NAME not in (None, "host") or numba.config.DISABLE_JIT:
+        return False  # a portable target cannot take vpermd; without the JIT an intrinsic cannot run
     try:
         return bool(binding.get_host_cpu_features().get("avx2", False))
     except RuntimeError:  # llvmlite cannot read the features on some platforms
