@@ -185,6 +185,15 @@ def test_freeze_toggle_prevents_retraining(qtbot, setup):
     assert not np.array_equal(p_mito.data, shown)
 
 
+def fresh_widget(qtbot, em):
+    """A second viewer with the same image and a new widget (for loading a saved project)."""
+    viewer = ViewerModel()
+    viewer.add_image(em.raw, name="em")
+    widget = TdaWidget(viewer, n_trees=16, workers=2, debounce_ms=10)
+    qtbot.addWidget(widget)
+    return viewer, widget
+
+
 @pytest.mark.skipif("mitochondria_em2d" not in bundled_enhancers(), reason="bundled enhancer not installed")
 def test_enhancer_channel_selector_and_project_round_trip(qtbot, setup, tmp_path):
     viewer, w, em = setup
@@ -209,10 +218,7 @@ def test_enhancer_channel_selector_and_project_round_trip(qtbot, setup, tmp_path
     w.save_project(path)
     qtbot.waitUntil(lambda: not w.busy and w.status.startswith("saved"), timeout=WAIT_MS)
     assert path.is_file()
-    viewer2 = ViewerModel()
-    viewer2.add_image(em.raw, name="em")
-    w2 = TdaWidget(viewer2, n_trees=16, workers=2, debounce_ms=10)
-    qtbot.addWidget(w2)
+    viewer2, w2 = fresh_widget(qtbot, em)
     try:
         w2.load_project(path)
         qtbot.waitUntil(lambda: not w2.busy and w2.model_source is not None and w2.updates > 0, timeout=WAIT_MS)
@@ -251,10 +257,7 @@ def test_tta_check_box_reruns_the_enhancer_and_is_saved(qtbot, setup, tmp_path):
     w.save_project(path)
     qtbot.waitUntil(lambda: not w.busy and w.status.startswith("saved"), timeout=WAIT_MS)
     assert load_project(path).enhancer.tta
-    viewer2 = ViewerModel()
-    viewer2.add_image(em.raw, name="em")
-    w2 = TdaWidget(viewer2, n_trees=16, workers=2, debounce_ms=10)
-    qtbot.addWidget(w2)
+    _, w2 = fresh_widget(qtbot, em)
     try:
         w2.load_project(path)
         qtbot.waitUntil(lambda: not w2.busy and w2.wf is not None and w2.wf.enhanced is not None, timeout=WAIT_MS)

@@ -6,8 +6,8 @@ CPU without AVX2 fails.  Same comparisons and the same summation order as the sc
 kernel, so the results are bit-identical to it (``tests/test_forest_simd.py``).
 
 numba's on-disk cache keys on this file alone: after editing the helpers imported from
-``forest_cpu`` in a checkout, touch this file (or clear ``__pycache__``) so the cached
-kernel is rebuilt with them.
+``forest_cpu`` or the intrinsics of ``simd_x86`` in a checkout, touch this file (or clear
+``__pycache__``) so the cached kernel is rebuilt with them.
 """
 
 from __future__ import annotations
@@ -119,6 +119,9 @@ def _walk_partition_avx2(
             sp = _push_children(st_node, st_s, st_e, sp, left[node], right[node], s, np.int64(lo - do), e, which)
 
 
+# The block loop repeats forest_cpu._predict_kernel's with another walk: passing the walk
+# as an argument instead makes numba compile the kernel anew in every process (no cache
+# for functions taking functions), and the scalar build must not contain this walk.
 @njit(parallel=True, nogil=True, cache=True)
 def predict_kernel_avx2(
     X: np.ndarray,
