@@ -20,8 +20,7 @@ from numba import njit, prange, uint64
 from .forest_cpu import (
     _block_buffers,
     _feature_major,
-    _leaf_sums,
-    _leaf_votes,
+    _leaf_add,
     _push_children,
     _split_scalar,
     _walk_branchy,
@@ -66,10 +65,7 @@ def _walk_partition_avx2(
         if root < 0:  # a tree that is a single leaf
             for i in range(nb):
                 buf[i] = i
-            if vote:
-                _leaf_votes(buf, uint64(0), unb, ~root, leaf_class, votes, leaf_value.shape[1])
-            else:
-                _leaf_sums(buf, uint64(0), unb, ~root, leaf_value, acc)
+            _leaf_add(buf, uint64(0), unb, ~root, leaf_value, leaf_class, vote, acc, votes)
             continue
         th = thr[root]
         fo = uint64(feature[root]) * unb
@@ -98,10 +94,7 @@ def _walk_partition_avx2(
             s = s & 0x7FFFFFFF
             so = which * unb
             if node < 0:
-                if vote:
-                    _leaf_votes(buf, so + uint64(s), so + uint64(e), ~node, leaf_class, votes, leaf_value.shape[1])
-                else:
-                    _leaf_sums(buf, so + uint64(s), so + uint64(e), ~node, leaf_value, acc)
+                _leaf_add(buf, so + uint64(s), so + uint64(e), ~node, leaf_value, leaf_class, vote, acc, votes)
                 continue
             do = (uint64(1) - which) * unb
             th = thr[node]

@@ -430,6 +430,17 @@ def _leaf_sums(buf: Any, lo: Any, hi: Any, leaf: int, leaf_value: Any, acc: Any)
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _leaf_add(
+    buf: Any, lo: Any, hi: Any, leaf: int, leaf_value: Any, leaf_class: Any, vote: bool, acc: Any, votes: Any
+) -> None:  # pragma: no cover - compiled
+    # The samples buf[lo:hi] reached ``leaf``: votes for one-hot forests, else fractions.
+    if vote:
+        _leaf_votes(buf, lo, hi, leaf, leaf_class, votes, leaf_value.shape[1])
+    else:
+        _leaf_sums(buf, lo, hi, leaf, leaf_value, acc)
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _split_scalar(buf: Any, i: Any, end: Any, Xb: Any, fo: Any, th: Any, lo: Any, hi: Any) -> Any:  # pragma: no cover
     # Branch-free: every index is written to both ends of the output list and only
     # the end it belongs to advances.  Returns the new (lo, hi).
@@ -486,10 +497,7 @@ def _walk_partition(
             s = s & 0x7FFFFFFF
             so = which * unb
             if node < 0:
-                if vote:
-                    _leaf_votes(buf, so + uint64(s), so + uint64(e), ~node, leaf_class, votes, leaf_value.shape[1])
-                else:
-                    _leaf_sums(buf, so + uint64(s), so + uint64(e), ~node, leaf_value, acc)
+                _leaf_add(buf, so + uint64(s), so + uint64(e), ~node, leaf_value, leaf_class, vote, acc, votes)
                 continue
             do = (uint64(1) - which) * unb
             fo = uint64(feature[node]) * unb
