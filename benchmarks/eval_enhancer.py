@@ -68,7 +68,10 @@ EVAL_FEATURES: list[tuple[str, float]] = [
 
 
 class TorchscriptEnhancer:
-    """Whole-image inference with a package's TorchScript weights (``tta``: averaged over flips and turns)."""
+    """Whole-image (2D) or whole-volume (3D model) inference with a package's TorchScript weights.
+
+    ``tta``: averaged over flips and quarter turns.
+    """
 
     def __init__(self, package: Path, tta: bool = False) -> None:
         self.tta = tta
@@ -77,6 +80,7 @@ class TorchscriptEnhancer:
 
         rdf = yaml.safe_load((package / "bioimageio.yaml").read_text())
         self.model = torch.jit.load(str(package / rdf["weights"]["torchscript"]["source"]), map_location="cpu").eval()
+        self.ndim = len(rdf["inputs"][0]["axes"]) - 2  # b, c, then (z,) y, x
         size = rdf["inputs"][0]["axes"][2]["size"]
         self.min, self.step = int(size["min"]), int(size["step"])
         self.halo = int(rdf["outputs"][0]["axes"][2].get("halo", 0))
@@ -92,19 +96,19 @@ class TorchscriptEnhancer:
 
     def __call__(self, prob: np.ndarray) -> np.ndarray:
         if self.tta:
-            return predict_augmented(self._once, prob, n_spatial=2)
+            return predict_augmented(self._once, prob, n_spatial=self.ndim)
         return self._once(prob)
 
     def _once(self, prob: np.ndarray) -> np.ndarray:
         import torch
 
-        h, w = prob.shape
-        th, tw = self._valid(h + 2 * self.halo), self._valid(w + 2 * self.halo)
-        py, px = self.halo, self.halo
-        padded = np.pad(prob, ((py, th - h - py), (px, tw - w - px)), mode="reflect")
+        if prob.ndim != self.ndim:
+            raise ValueError(f"a {self.ndim}D model got an array of shape {prob.shape}")
+        pad = [(self.halo, self._valid(n + 2 * self.halo) - n - self.halo) for n in prob.shape]
+        padded = np.pad(prob, pad, mode="reflect")
         with torch.no_grad():
             out = self.model(torch.from_numpy(padded[None, None].astype(np.float32).copy())).numpy()[0, 0]
-        return out[py : py + h, px : px + w]
+        return out[tuple(slice(b, b + n) for (b, _), n in zip(pad, prob.shape))]
 
 
 def _read(path: Path, key: str, index: list[int]) -> np.ndarray:

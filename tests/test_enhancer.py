@@ -679,9 +679,9 @@ def test_model_fault_in_workflow_is_clear_and_graph_stays_usable(tmp_path: Path,
 
 
 # ------------------------------------------------------------------ bundled enhancers: declared halo
-@pytest.mark.parametrize("name", ["mitochondria_em2d", "membranes_em2d"])
+@pytest.mark.parametrize("name", ["mitochondria_em2d", "membranes_em2d", "boundaries_em3d"])
 def test_bundled_halo_covers_the_network_reach_so_tiles_have_no_seams(name: str) -> None:
-    """With only the declared halo as context, tiles equal one whole-image pass.
+    """With only the declared halo as context, tiles equal one whole-image (3D: whole-volume) pass.
 
     The first bundled packages declared 16 px; the networks react to pixels 31 and 51 px
     away, and tiling changed 0.2 % of the thresholded pixels of an EPFL slice.
@@ -696,19 +696,21 @@ def test_bundled_halo_covers_the_network_reach_so_tiles_have_no_seams(name: str)
     pkg = bundled_enhancer(name)
     model = load_enhancer_model(pkg)
     rng = np.random.default_rng(3)
+    shape = (400, 496) if model.axes == "yx" else (80, 112, 128)
     # a forest-like map: smooth blobs in [0, 1] with pixel noise
-    x = ndimage.gaussian_filter(rng.normal(size=(400, 496)), 6)
+    x = ndimage.gaussian_filter(rng.normal(size=shape), 6 if len(shape) == 2 else 3)
     x = np.clip(0.5 + 4 * x + 0.05 * rng.normal(size=x.shape), 0, 1).astype(np.float32)
     net = torch.jit.load(str(pkg / "weights_torchscript.pt")).eval()
-    reach, _ = measure_halo(net, x[:256, :256])
+    reach, _ = measure_halo(net, x[(slice(0, 256),) * x.ndim])
     assert model.halo[0] >= reach, f"declared halo {model.halo} < measured reach {reach}"
     whole = model.predict(x[None])[0]
     g = Graph(workers=2)
-    src = g.add(ArraySource(x.copy(), "yx", name="prob"))
+    src = g.add(ArraySource(x.copy(), model.axes, name="prob"))
     enh = g.add(Enhancer(model, name="enhancer"), image=src)  # context = declared halo only
     tiled = g.request(enh)[..., 0]
     assert g.stats(enh)["blocks_computed"] >= 4  # really tiled
     b = model.halo[0]  # away from the image borders (reflect padding vs. the network's zeros)
-    diff = np.abs(tiled[b:-b, b:-b] - whole[b:-b, b:-b])
+    inner = (slice(b, -b),) * x.ndim
+    diff = np.abs(tiled[inner] - whole[inner])
     assert diff.max() <= 1e-5, f"tiled vs whole max |diff| {diff.max():.3g}"
     g.close()

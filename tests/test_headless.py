@@ -396,3 +396,26 @@ def test_tta_is_stored_in_the_project_and_used_by_predict(trained, capsys):
             outputs[name] = f["enh"][...]
     assert outputs["tta"].shape == outputs["plain"].shape
     assert np.abs(outputs["tta"] - outputs["plain"]).max() > 1e-3  # the stored flag reached the enhancer
+
+
+@pytest.mark.skipif("boundaries_em3d" not in bundled_enhancers(), reason="bundled 3D enhancer not installed")
+def test_3d_enhancer_trains_and_predicts_on_a_volume_and_refuses_2d_data(tmp_path, capsys):
+    em = em_like((32, 96, 96), seed=2, cell_size=24.0)
+    with h5py.File(tmp_path / "vol.h5", "w") as f:
+        f["raw"], f["labels"] = em.raw, sparse_labels(em.membranes > 0, n=150)
+        f["flat"], f["flat_labels"] = em.raw[0], sparse_labels(em.membranes[0] > 0, n=80)
+    proj = tmp_path / "vol.tdap"
+    train = ["train", "--image", f"{tmp_path}/vol.h5:/raw", "--labels", f"{tmp_path}/vol.h5:/labels"]
+    assert main([*train, "--project", str(proj), "--trees", "5", "--enhancer", "boundaries_em3d"]) == 0
+    out = f"{tmp_path}/enh.h5:/enh"
+    predict = ["predict", "--project", str(proj), "--input", f"{tmp_path}/vol.h5:/raw", "--output", out]
+    assert main([*predict, "--export", "enhanced", "--quiet"]) == 0
+    with h5py.File(tmp_path / "enh.h5") as f:
+        enh = f["enh"][...]
+    assert enh.shape == (32, 96, 96, 1) and np.isfinite(enh).all() and 0 <= enh.min() <= enh.max() <= 1
+    # the 3D network keeps the boundaries: more probability on them than off them
+    on = em.membranes > 0
+    assert enh[..., 0][on].mean() > enh[..., 0][~on].mean() + 0.2
+    flat = ["train", "--image", f"{tmp_path}/vol.h5:/flat", "--labels", f"{tmp_path}/vol.h5:/flat_labels"]
+    assert main([*flat, "--project", str(tmp_path / "f.tdap"), "--trees", "5", "--enhancer", "boundaries_em3d"]) != 0
+    assert "works on 'zyx' data" in capsys.readouterr().err

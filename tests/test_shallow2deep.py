@@ -199,8 +199,11 @@ def test_init_weights_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="not TorchScript weights or a training checkpoint"):
         s2d.load_initial_weights(model, junk)
     bundled = bundled_enhancer("mitochondria_em2d")  # depth 3, width 16
-    with pytest.raises(SettingsError, match="does not match a U-Net of depth 2 and width 4.*--depth and --width"):
+    with pytest.raises(SettingsError, match="does not match a 2D U-Net of depth 2 and width 4.*--depth, --width"):
         s2d.load_initial_weights(model, bundled)
+    flat_to_3d = s2d.build_unet(depth=3, width=16, ndim=3)  # same weight names, 5D kernels
+    with pytest.raises(SettingsError, match="does not match a 3D U-Net of depth 3.*--ndim"):
+        s2d.load_initial_weights(flat_to_3d, bundled)
 
 
 def test_export_passes_bioimageio_test(pairs: list[s2d.ForestPair], tmp_path: Path) -> None:
@@ -340,5 +343,120 @@ def test_measure_halo_of_a_unet_is_within_its_nominal_field() -> None:
     assert 10 <= reach <= 26
     assert halo == (16 if reach <= 16 else 32)
     assert net.training  # the measurement leaves the mode as it found it
-    with pytest.raises(ValueError, match="2D image"):
-        s2d.measure_halo(net, np.zeros((3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="2D or 3D image"):
+        s2d.measure_halo(net, np.zeros((2, 3, 8, 8), np.float32))
+
+
+# --------------------------------------------------------------------------- 3D enhancers
+@pytest.fixture(scope="module")
+def volume() -> tuple[np.ndarray, np.ndarray]:
+    im = em_like((40, 72, 72), seed=2, cell_size=24.0)
+    return im.raw, im.membranes
+
+
+def test_forest_pairs_in_3d_are_cubes_of_the_volume(volume: tuple[np.ndarray, np.ndarray]) -> None:
+    raw, gt = volume
+    pairs = s2d.make_forest_predictions([raw], [gt], 2, patch=24, crop=48, n_trees=3, seed=1, ndim=3)
+    again = s2d.make_forest_predictions([raw], [gt], 2, patch=24, crop=48, n_trees=3, seed=1, ndim=3)
+    for p, q in zip(pairs, again):
+        assert p.probability.shape == p.target.shape == (40, 48, 48)  # z is clipped to the volume
+        assert p.probability.dtype == np.float32 and 0 <= p.probability.min() <= p.probability.max() <= 1
+        i, z0, y0, x0 = p.source
+        assert i == 0 and z0 == 0 and 0 <= y0 <= 72 - 48 and 0 <= x0 <= 72 - 48
+        np.testing.assert_array_equal(p.target, gt[:, y0 : y0 + 48, x0 : x0 + 48] > 0)
+        np.testing.assert_array_equal(p.probability, q.probability)  # seeded
+        assert p.probability[p.target > 0].mean() > p.probability[p.target == 0].mean()
+    binned = s2d.make_forest_predictions([raw], [gt], 1, patch=16, crop=48, n_trees=3, seed=1, ndim=3, scales=(2,))
+    assert binned[0].probability.shape == (20, 36, 36)  # 2x2x2 binning: (40, 72, 72) / 2
+    with pytest.raises(ValueError, match=r"3D training needs \(z, y, x\) volumes"):
+        s2d.make_forest_predictions([raw[0]], [gt[0]], 1, ndim=3)
+    with pytest.raises(ValueError, match="ndim must be 2 or 3"):
+        s2d.make_forest_predictions([raw], [gt], 1, ndim=4)
+
+
+def test_bin_means_3d_blocks() -> None:
+    a = np.arange(4 * 4 * 6, dtype=np.float32).reshape(4, 4, 6)
+    out = s2d._bin(a, 2)
+    assert out.shape == (2, 2, 3)
+    assert out[1, 0, 2] == a[2:4, 0:2, 4:6].mean()
+
+
+def test_3d_unet_and_augmentation_keep_shapes_and_pairs_aligned() -> None:
+    torch.manual_seed(0)
+    net = s2d.build_unet(depth=2, width=2, ndim=3)
+    assert net.ndim == 3 and isinstance(net.encoders[0][0], torch.nn.Conv3d)
+    assert net(torch.zeros(1, 1, 16, 24, 32)).shape == (1, 1, 16, 24, 32)
+    with pytest.raises(ValueError, match="ndim must be 2 or 3"):
+        s2d.build_unet(ndim=1)
+    rng = np.random.default_rng(0)
+    vol = rng.random((6, 8, 8)).astype(np.float32)
+    # the 16 allowed transforms: a quarter turn in yx, a mirror in x, a mirror in z (z is never turned)
+    allowed = {
+        (k, fx, fz): np.rot90(vol, k, axes=(1, 2))[:, :, :: -1 if fx else 1][:: -1 if fz else 1]
+        for k in range(4)
+        for fx in (0, 1)
+        for fz in (0, 1)
+    }
+    seen = set()
+    for _ in range(60):
+        x, y = s2d._augment(vol, vol.copy(), rng)
+        assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.8  # input (maybe noisy) and target move together
+        seen |= {key for key, t in allowed.items() if np.array_equal(y, t)}
+    assert {fz for _, _, fz in seen} == {0, 1} and {k for k, _, _ in seen} == {0, 1, 2, 3}
+
+
+def test_measure_halo_in_3d_finds_a_known_reach() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 1, 9, padding=4)
+    torch.nn.init.uniform_(net.weight, 0.5, 1.0)
+    probe = np.random.default_rng(0).random((40, 50, 60)).astype(np.float32)
+    assert s2d.measure_halo(net, probe) == (4, 16)
+
+
+def test_train_enhancer_3d_package_runs_in_the_engine(volume: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    from operators.enhancer import Enhancer, load_enhancer_model
+    from operators.sources import ArraySource
+    from tda_graph import Graph
+
+    raw, gt = volume
+    res = s2d.train_enhancer(
+        [raw], [gt], tmp_path / "pkg3d", name="test 3d enhancer", description="a 3D test package",
+        n_forests=2, iterations=2, depth=1, width=2, ndim=3, label_patch=24, crop=48, train_patch=32,
+        batch_size=1, test_size=32, n_trees=3, threads=1, log=None,
+    )  # fmt: skip
+    assert res.test_status == "passed"  # bioimageio.core's own test of the 3D package
+    text = (res.package / "bioimageio.yaml").read_text()
+    assert "unet3d" in text and "ndim: 3" in text
+    model = load_enhancer_model(res.package)
+    assert model.axes == "zyx" and model.halo == (16, 16, 16)  # depth 1 reaches < 16 px
+    assert model.min_size == (48, 48, 48) and model.step == (16, 16, 16)  # 2 * halo + step
+    assert np.load(res.package / "test_input.npy").shape == (1, 1, 48, 48, 48)  # the smallest valid input
+    # tiled 3D inference equals one pass of the network over the volume, away from its borders
+    prob = np.random.default_rng(3).random((48, 64, 80)).astype(np.float32)
+    g = Graph(workers=2)
+    enh = g.add(Enhancer(model, tile=(16, 16, 32)), image=g.add(ArraySource(prob, "zyx")))
+    tiled = g.request(enh)[..., 0]
+    net = torch.jit.load(str(res.package / "weights_torchscript.pt"))
+    with torch.no_grad():
+        whole = net(torch.from_numpy(prob[None, None])).numpy()[0, 0]
+    h = model.halo[0]
+    inner = (slice(h, -h),) * 3
+    np.testing.assert_allclose(tiled[inner], whole[inner], atol=1e-5)
+
+
+def test_cli_3d_options_are_checked(tmp_path: Path) -> None:
+    import h5py
+
+    h5 = tmp_path / "vol.h5"
+    im = em_like((8, 32, 32), seed=1)
+    with h5py.File(h5, "w") as f:
+        f["raw"], f["gt"] = im.raw, im.membranes
+        f["raw2d"], f["gt2d"] = im.raw[0], im.membranes[0]
+    base = ["train-enhancer", f"{h5}:raw", f"{h5}:gt", "--out", str(tmp_path / "o"), "--ndim", "3"]
+    with pytest.raises(SettingsError, match="one contiguous z range"):
+        s2d.main(base + ["--slices", "0-2,5"])
+    with pytest.raises(SettingsError, match="larger than the forest crop"):
+        s2d.main(base + ["--train-patch", "64", "--crop", "32"])
+    flat = ["train-enhancer", f"{h5}:raw2d", f"{h5}:gt2d", "--out", str(tmp_path / "o"), "--ndim", "3"]
+    with pytest.raises(SettingsError, match=r"needs \(z, y, x\) volumes"):
+        s2d.main(flat)

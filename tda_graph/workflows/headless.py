@@ -23,7 +23,7 @@ import numpy as np
 
 from operators import ClassifierNotReady
 from operators.file_sources import open_image, parse_image_spec
-from tda_graph import Operator, Roi, TdaError
+from tda_graph import Operator, Roi, SpecError, TdaError
 from tda_graph.atomic import atomic_path
 from tda_graph.roi import block_roi
 
@@ -212,6 +212,11 @@ def train_project(
             wf.graph.request(wf.probabilities, Roi((0,) * (len(spatial) + 1), (1,) * (len(spatial) + 1)))
         except ClassifierNotReady as e:
             raise BatchError(f"cannot train from {labels!r}: {e}") from None
+        if ref is not None:  # an enhancer that cannot take this image (a 3D model on 2D data) fails now, not at predict
+            try:
+                wf.set_enhancer(enhancer_source(ref), allow_code=allow_code, tta=tta)
+            except SpecError as e:
+                raise BatchError(f"enhancer {enhancer!r} does not fit the image {image!r}: {e}") from None
         path, inner, _ = parse_image_spec(image)
         state = ProjectState(
             input_path=str(Path(path).resolve()),

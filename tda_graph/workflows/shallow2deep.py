@@ -5,14 +5,15 @@ forests are trained on random patches with random sparse labels; each forest's
 foreground probability on a larger crop becomes one training input of a U-Net
 whose target is the dense ground truth. The trained network turns the noisy
 probability map of *any* new forest (trained interactively on a new domain)
-into a clean foreground map.
+into a clean foreground map. With ``ndim=3`` (``--ndim 3``) the forests work
+on cubes of 3D volumes and the network is a 3D U-Net.
 
 Functions
 ---------
 :func:`make_forest_predictions`
     (probability, ground truth) pairs from many small forests.
 :func:`build_unet` / :func:`train_unet`
-    A small 2D U-Net and its seeded training loop (flip/rot90 + noise
+    A small 2D or 3D U-Net and its seeded training loop (flip/rot90 + noise
     augmentation, BCE + Dice loss, optional checkpoint).
 :func:`export_enhancer`
     TorchScript weights plus a bioimage.io format-0.5 model package.
@@ -85,11 +86,11 @@ _CITATION = {
 
 @dataclass(frozen=True)
 class ForestPair:
-    """One training example: a forest's foreground probability and the dense ground truth (same 2D shape)."""
+    """One training example: a forest's foreground probability and the dense ground truth (same 2D or 3D shape)."""
 
     probability: np.ndarray  # float32 in [0, 1]
     target: np.ndarray  # float32, 0 or 1
-    source: tuple[int, int, int, int]  # (image index, slice, y0, x0) of the crop
+    source: tuple[int, int, int, int]  # (image index, slice, y0, x0) of a 2D crop; (image index, z0, y0, x0) in 3D
     n_labels: int  # labelled pixels the forest was trained on
 
 
@@ -116,6 +117,13 @@ def _as_slices(stack: np.ndarray) -> np.ndarray:
         return a[np.newaxis]
     if a.ndim != 3:
         raise ValueError(f"expected a 2D image or a (z, y, x) stack, got shape {a.shape}")
+    return a
+
+
+def _as_volume(volume: np.ndarray) -> np.ndarray:
+    a = np.asarray(volume)
+    if a.ndim != 3:
+        raise ValueError(f"3D training needs (z, y, x) volumes, got shape {a.shape}")
     return a
 
 
@@ -198,11 +206,12 @@ def forest_probability(
 
 
 def _bin(a: np.ndarray, f: int) -> np.ndarray:
-    """Mean of each ``f x f`` block of a 2D array whose sides are multiples of ``f`` (float32)."""
+    """Mean of each ``f x f`` (2D) or ``f x f x f`` (3D) block of an array whose sides are multiples of ``f``."""
     if f == 1:
         return a.astype(np.float32)
-    h, w = a.shape
-    return a.reshape(h // f, f, w // f, f).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
+    split = [n for side in a.shape for n in (side // f, f)]
+    every_f = tuple(range(1, 2 * a.ndim, 2))
+    return a.reshape(split).mean(axis=every_f, dtype=np.float64).astype(np.float32)
 
 
 def _random_feature_subset(features: Sequence[tuple[str, float]], rng: np.random.Generator) -> list[tuple[str, float]]:
@@ -228,6 +237,7 @@ def make_forest_predictions(
     features: Sequence[tuple[str, float]] = SHALLOW2DEEP_FEATURES,
     scales: Sequence[int] = (1,),
     vary_features: bool = False,
+    ndim: int = 2,
     log: Callable[[str], None] | None = None,
 ) -> list[ForestPair]:
     """Train ``n_forests`` small forests on random sparse labels; return their predictions.
@@ -238,13 +248,15 @@ def make_forest_predictions(
     truth (balanced random points or simulated strokes, 20-300 pixels per
     class); compute the ilastik ``features`` of the crop, train an
     ``n_trees`` forest and predict the foreground probability on the whole
-    crop.
+    crop. With ``ndim=3`` the crop, the window, the labels (3D strokes) and
+    the features are 3D cubes of a volume instead.
 
     Parameters
     ----------
     images, masks : sequence of ndarray
-        Raw images and their binary ground truth, each 2D ``(y, x)`` or a stack
-        ``(z, y, x)`` of independent 2D slices.
+        Raw images and their binary ground truth: with ``ndim=2`` each 2D
+        ``(y, x)`` or a stack ``(z, y, x)`` of independent 2D slices; with
+        ``ndim=3`` each a ``(z, y, x)`` volume.
     n_forests : int
         Number of forests (= returned pairs).
     patch : int
@@ -264,11 +276,13 @@ def make_forest_predictions(
         Integer downsampling factors; each forest picks one at random and sees its
         slice binned by it (raw: mean of each f x f block; ground truth: majority).
         Factors above 1 show the network thinner membranes and smaller objects, as
-        in data of a coarser pixel size.
+        in data of a coarser pixel size (3D: ``f x f x f`` blocks).
     vary_features : bool
         Each forest uses a random part of ``features``: every feature type and every
         scale is kept with probability 0.6 (at least one of each), as users pick
         different feature sets; their forests err in different ways.
+    ndim : {2, 3}
+        Train forests on 2D slices (for a 2D enhancer) or on 3D cubes (3D enhancer).
     log : callable, optional
         Receives progress lines.
 
@@ -281,8 +295,11 @@ def make_forest_predictions(
 
     if len(images) != len(masks) or not images:
         raise ValueError("need the same, non-zero number of images and masks")
-    stacks = [_as_slices(i) for i in images]
-    gts = [_as_slices(m) for m in masks]
+    if ndim not in (2, 3):
+        raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
+    as_data = _as_slices if ndim == 2 else _as_volume
+    stacks = [as_data(i) for i in images]
+    gts = [as_data(m) for m in masks]
     for s, g in zip(stacks, gts):
         if s.shape != g.shape:
             raise ValueError(f"image and mask shapes differ: {s.shape} vs {g.shape}")
@@ -297,40 +314,46 @@ def make_forest_predictions(
         f = scales[int(rng.integers(len(scales)))] if len(scales) > 1 else scales[0]
         for _attempt in range(20):
             i = int(rng.integers(len(stacks)))
-            z = int(rng.integers(stacks[i].shape[0]))
-            h, w = (n // f for n in stacks[i].shape[1:])
-            if min(h, w) < 1:
-                raise ValueError(f"slices of shape {stacks[i].shape[1:]} are smaller than the scale factor {f}")
-            ch, cw = min(crop, h), min(crop, w)
-            y0, x0 = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
-            ph, pw = min(patch, ch), min(patch, cw)
-            py, px = int(rng.integers(ch - ph + 1)), int(rng.integers(cw - pw + 1))
-            region = (slice(y0 * f, (y0 + ch) * f), slice(x0 * f, (x0 + cw) * f))
-            target = _bin(gts[i][z][region] > 0, f) >= 0.5
-            window = (slice(py, py + ph), slice(px, px + pw))
+            if ndim == 2:  # one slice of the stack (the random draws are those of the 2D-only version)
+                z = int(rng.integers(stacks[i].shape[0]))
+                image, truth = stacks[i][z], gts[i][z]
+            else:
+                image, truth = stacks[i], gts[i]
+            sides = [n // f for n in image.shape]
+            if min(sides) < 1:
+                kind = "slices" if ndim == 2 else "volumes"
+                raise ValueError(f"{kind} of shape {image.shape} are smaller than the scale factor {f}")
+            crops = [min(crop, n) for n in sides]
+            origin = [int(rng.integers(n - c + 1)) for n, c in zip(sides, crops)]
+            patches = [min(patch, c) for c in crops]
+            offset = [int(rng.integers(c - p + 1)) for c, p in zip(crops, patches)]
+            region = tuple(slice(o * f, (o + c) * f) for o, c in zip(origin, crops))
+            target = _bin(truth[region] > 0, f) >= 0.5
+            window = tuple(slice(o, o + p) for o, p in zip(offset, patches))
             frac = float(target[window].mean())
             if min_foreground <= frac <= 1 - min_foreground:
                 break
         else:
             raise ValueError("could not find a patch with both classes; check the masks")
-        raw = stacks[i][z][region] if f == 1 else _bin(stacks[i][z][region], f)
+        raw = image[region] if f == 1 else _bin(image[region], f)
         labels = _sparse_labels(target, window, rng)
         chosen = _random_feature_subset(features, rng) if vary_features else list(features)
         feats = features_cpu.compute_features(raw[..., np.newaxis], chosen)
         prob = forest_probability(raw, labels, n_trees=n_trees, seed=int(rng.integers(2**31)), feature_image=feats)
-        pairs.append(ForestPair(prob, target.astype(np.float32), (i, z, y0, x0), int((labels > 0).sum())))
+        source = (i, z, *origin) if ndim == 2 else (i, *origin)
+        pairs.append(ForestPair(prob, target.astype(np.float32), source, int((labels > 0).sum())))
         if log is not None and ((k + 1) % 10 == 0 or k + 1 == n_forests):
             log(f"forests {k + 1}/{n_forests}  ({time.perf_counter() - t0:.1f} s)")
     return pairs
 
 
 # --------------------------------------------------------------------------- network
-def build_unet(depth: int = 3, width: int = 16, in_channels: int = 1, out_channels: int = 1) -> Any:
-    """A small 2D U-Net with a sigmoid output.
+def build_unet(depth: int = 3, width: int = 16, in_channels: int = 1, out_channels: int = 1, *, ndim: int = 2) -> Any:
+    """A small 2D or 3D U-Net with a sigmoid output.
 
-    Each level has two 3x3 convolutions (same padding) with ReLU; the encoder
-    halves the resolution ``depth`` times (max pooling) and doubles the
-    channels; the decoder upsamples with 2x2 transposed convolutions and
+    Each level has two 3x3 (3D: 3x3x3) convolutions (same padding) with ReLU;
+    the encoder halves the resolution ``depth`` times (max pooling) and doubles
+    the channels; the decoder upsamples with 2x2 transposed convolutions and
     concatenates the skip connection. Input sizes must be multiples of
     ``2 ** depth``; the output has the input's size.
 
@@ -342,6 +365,8 @@ def build_unet(depth: int = 3, width: int = 16, in_channels: int = 1, out_channe
         Channels of the first level.
     in_channels, out_channels : int
         Input and output channels.
+    ndim : {2, 3}
+        Spatial dimensions: input ``(b, c, y, x)`` or ``(b, c, z, y, x)``.
 
     Returns
     -------
@@ -352,29 +377,32 @@ def build_unet(depth: int = 3, width: int = 16, in_channels: int = 1, out_channe
 
     if depth < 1 or width < 1:
         raise ValueError(f"depth and width must be >= 1, got {depth}, {width}")
+    if ndim not in (2, 3):
+        raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
+    conv, pool, up_conv = (
+        (nn.Conv2d, nn.MaxPool2d, nn.ConvTranspose2d) if ndim == 2 else (nn.Conv3d, nn.MaxPool3d, nn.ConvTranspose3d)
+    )
 
     def block(cin: int, cout: int) -> nn.Module:
         return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1),
+            conv(cin, cout, 3, padding=1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1),
+            conv(cout, cout, 3, padding=1),
             nn.ReLU(inplace=True),
         )
 
-    class UNet2d(nn.Module):
+    class UNet(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             chans = [width * 2**i for i in range(depth + 1)]
             self.encoders = nn.ModuleList(
                 [block(in_channels if i == 0 else chans[i - 1], chans[i]) for i in range(depth)]
             )
-            self.pool = nn.MaxPool2d(2)
+            self.pool = pool(2)
             self.bottom = block(chans[depth - 1], chans[depth])
-            self.ups = nn.ModuleList(
-                [nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth))]
-            )
+            self.ups = nn.ModuleList([up_conv(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth))])
             self.decoders = nn.ModuleList([block(2 * chans[i], chans[i]) for i in reversed(range(depth))])
-            self.head = nn.Conv2d(chans[0], out_channels, 1)
+            self.head = conv(chans[0], out_channels, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             skips: list[torch.Tensor] = []
@@ -388,8 +416,9 @@ def build_unet(depth: int = 3, width: int = 16, in_channels: int = 1, out_channe
                 x = dec(torch.cat([x, skips[len(skips) - 1 - i]], dim=1))
             return torch.sigmoid(self.head(x))
 
-    net = UNet2d()
+    net = UNet()
     net.depth = depth  # type: ignore[assignment]
+    net.ndim = ndim  # type: ignore[assignment]
     return net
 
 
@@ -409,7 +438,7 @@ def load_initial_weights(model: Any, source: str | Path) -> None:
     Parameters
     ----------
     model : torch.nn.Module
-        From :func:`build_unet`, with the depth and width of the source.
+        From :func:`build_unet`, with the depth, width and ``ndim`` of the source.
     source : path
         An enhancer package folder written by :func:`export_enhancer` (e.g. a
         bundled one, ``tda_graph/models/enhancers/mitochondria_em2d``), its
@@ -451,9 +480,10 @@ def load_initial_weights(model: Any, source: str | Path) -> None:
     wrong = sorted(k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape))
     if wrong or len(state) != len(own):
         raise SettingsError(
-            f"--init {source}: its network does not match a U-Net of depth {model.depth} and width "
-            f"{model.encoders[0][0].out_channels} (first mismatch: {wrong[0] if wrong else 'extra weights'}); "
-            "give --depth and --width of the model you start from"
+            f"--init {source}: its network does not match a {getattr(model, 'ndim', 2)}D U-Net of depth "
+            f"{model.depth} and width {model.encoders[0][0].out_channels} "
+            f"(first mismatch: {wrong[0] if wrong else 'extra weights'}); "
+            "give --depth, --width and --ndim of the model you start from"
         )
     model.load_state_dict({k: state[k] for k in own})
 
@@ -477,9 +507,12 @@ def _augment(
     prob: np.ndarray, target: np.ndarray, rng: np.random.Generator, calibration: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     k = int(rng.integers(4))
-    prob, target = np.rot90(prob, k), np.rot90(target, k)
+    prob, target = np.rot90(prob, k, axes=(-2, -1)), np.rot90(target, k, axes=(-2, -1))
     if rng.random() < 0.5:
-        prob, target = prob[:, ::-1], target[:, ::-1]
+        prob, target = prob[..., ::-1], target[..., ::-1]
+    # 3D: also mirror z (turns stay in the yx plane: z may be sampled more coarsely); 2D draws unchanged
+    if prob.ndim == 3 and rng.random() < 0.5:
+        prob, target = prob[::-1], target[::-1]
     # drawn only when enabled, so that runs without it keep their random stream (old training cards)
     if calibration > 0 and rng.random() < 0.75:
         prob = _recalibrate(prob, rng, calibration)
@@ -495,12 +528,12 @@ def _sample_batch(
     xs, ys = [], []
     for _ in range(batch_size):
         p = pairs[int(rng.integers(len(pairs)))]
-        h, w = p.probability.shape
-        if h < patch or w < patch:
-            raise ValueError(f"training crops ({h}x{w}) are smaller than the patch {patch}")
-        y0, x0 = int(rng.integers(h - patch + 1)), int(rng.integers(w - patch + 1))
-        sl = (slice(y0, y0 + patch), slice(x0, x0 + patch))
-        x, y = _augment(p.probability[sl], p.target[sl], rng, calibration)
+        prob, target = p.probability, p.target
+        if min(prob.shape) < patch:  # a crop of a small (or binned) volume: mirror it up to the patch
+            grow = [(0, max(0, patch - n)) for n in prob.shape]
+            prob, target = np.pad(prob, grow, mode="symmetric"), np.pad(target, grow, mode="symmetric")
+        sl = tuple(slice(o, o + patch) for o in (int(rng.integers(n - patch + 1)) for n in prob.shape))
+        x, y = _augment(prob[sl], target[sl], rng, calibration)
         xs.append(x)
         ys.append(y)
     return np.stack(xs)[:, None], np.stack(ys)[:, None]
@@ -623,6 +656,8 @@ def _sha256(path: Path) -> str:
 def _cover(path: Path, test_input: np.ndarray, test_output: np.ndarray) -> None:
     from PIL import Image
 
+    if test_input.ndim == 3:  # a 3D model: show the middle z slice
+        test_input, test_output = test_input[len(test_input) // 2], test_output[len(test_output) // 2]
     a = (np.clip(test_input, 0, 1) * 255).astype(np.uint8)
     b = (np.clip(test_output, 0, 1) * 255).astype(np.uint8)
     row = np.concatenate([a, np.full((a.shape[0], 8), 255, np.uint8), b], axis=1)
@@ -648,7 +683,8 @@ def export_enhancer(
 
     The package holds TorchScript weights (traced), ``test_input.npy`` /
     ``test_output.npy``, a cover image, a README and ``bioimageio.yaml``:
-    input ``probability`` (axes ``b, c, y, x``, one channel, sizes
+    input ``probability`` (axes ``b, c, y, x``, or ``b, c, z, y, x`` for a
+    3D model, one channel, sizes
     ``min_size + n * step``, values in [0, 1], no normalisation), output
     ``foreground`` (same size, ``halo`` per spatial side), MIT licence and the
     shallow2deep citation.
@@ -656,7 +692,8 @@ def export_enhancer(
     Parameters
     ----------
     model : torch.nn.Module
-        Maps ``(b, 1, y, x)`` probabilities to ``(b, 1, y, x)`` probabilities.
+        Maps ``(b, 1, y, x)`` probabilities to ``(b, 1, y, x)`` probabilities (3D:
+        ``(b, 1, z, y, x)``; the dimensionality is that of ``test_input``).
     path : path
         Package folder to create.
     name, description : str
@@ -665,7 +702,7 @@ def export_enhancer(
         Output halo per spatial side (pixels of unreliable border).
     min_size, step : int
         Valid spatial input sizes are ``min_size + n * step``.
-    test_input : ndarray, shape (y, x)
+    test_input : ndarray, shape (y, x) or (z, y, x)
         A forest probability map of a valid size.
     documentation : str, optional
         README text (markdown); a default one is written otherwise.
@@ -687,8 +724,9 @@ def export_enhancer(
 
     path = Path(path)
     test_input = np.asarray(test_input, np.float32)
-    if test_input.ndim != 2:
-        raise ValueError(f"test_input must be 2D (y, x), got shape {test_input.shape}")
+    if test_input.ndim not in (2, 3):
+        raise ValueError(f"test_input must be 2D (y, x) or 3D (z, y, x), got shape {test_input.shape}")
+    spatial = ("z", "y", "x")[-test_input.ndim :]
     for n in test_input.shape:
         if n < min_size or (n - min_size) % step:
             raise ValueError(f"test_input shape {test_input.shape} is not min_size + n * step ({min_size}, {step})")
@@ -708,7 +746,7 @@ def export_enhancer(
         np.save(tmp / "test_input.npy", x.numpy())
         np.save(tmp / "test_output.npy", out)
         _cover(tmp / "cover.png", test_input, out[0, 0])
-        doc = documentation or _default_readme(name, description, halo, min_size, step)
+        doc = documentation or _default_readme(name, description, halo, min_size, step, test_input.ndim)
         (tmp / "README.md").write_text(doc, encoding="utf-8")
 
         def fd(fname: str) -> Any:
@@ -717,13 +755,13 @@ def export_enhancer(
         in_id = v0_5.TensorId("probability")
         space_in = [
             v0_5.SpaceInputAxis(id=v0_5.AxisId(a), size=v0_5.ParameterizedSize(min=min_size, step=step))
-            for a in ("y", "x")
+            for a in spatial
         ]
         space_out = [
             v0_5.SpaceOutputAxisWithHalo(
                 id=v0_5.AxisId(a), halo=halo, size=v0_5.SizeReference(tensor_id=in_id, axis_id=v0_5.AxisId(a))
             )
-            for a in ("y", "x")
+            for a in spatial
         ]
         ensure = v0_5.EnsureDtypeDescr(kwargs=v0_5.EnsureDtypeKwargs(dtype="float32"))
         inp = v0_5.InputTensorDescr(
@@ -750,7 +788,7 @@ def export_enhancer(
             authors=[v0_5.Author(name="tda-graph contributors")],
             cite=[v0_5.CiteEntry(text=_CITATION["text"], doi=v0_5.Doi(_CITATION["doi"]))],
             license=v0_5.LicenseId("MIT"),
-            tags=["shallow2deep", "enhancer", "electron-microscopy", "unet2d", "pytorch", *tags],
+            tags=["shallow2deep", "enhancer", "electron-microscopy", f"unet{test_input.ndim}d", "pytorch", *tags],
             version="0.1.0",
             inputs=[inp],
             outputs=[outp],
@@ -770,16 +808,17 @@ def export_enhancer(
     return path
 
 
-def _default_readme(name: str, description: str, halo: int, min_size: int, step: int) -> str:
+def _default_readme(name: str, description: str, halo: int, min_size: int, step: int, ndim: int = 2) -> str:
+    axes = "b, c, y, x" if ndim == 2 else "b, c, z, y, x"
     return f"""# {name}
 
 {description}
 
-A shallow2deep *enhancer*: a small 2D U-Net that takes the foreground probability of a random forest
+A shallow2deep *enhancer*: a small {ndim}D U-Net that takes the foreground probability of a random forest
 (trained on sparse labels with ilastik filter features) and returns a cleaner foreground probability.
 
-- Input `probability`: axes `b, c, y, x`, one channel, float32 in [0, 1], no normalisation;
-  spatial size `{min_size} + n * {step}`.
+- Input `probability`: axes `{axes}`, one channel, float32 in [0, 1], no normalisation;
+  spatial size `{min_size} + n * {step}` along each spatial axis.
 - Output `foreground`: same size, float32 in [0, 1] (sigmoid inside the network); discard {halo} pixels of
   halo on each side when tiling.
 - Weights: TorchScript.
@@ -812,9 +851,10 @@ def measure_halo(model: Any, probe: np.ndarray, *, step: int = 16, positions: in
     Parameters
     ----------
     model : torch.nn.Module
-        Maps ``(1, 1, y, x)`` to an output of the same size.
-    probe : ndarray, shape (y, x)
+        Maps ``(1, 1, y, x)`` (3D: ``(1, 1, z, y, x)``) to an output of the same size.
+    probe : ndarray, shape (y, x) or (z, y, x)
         A realistic input (a forest probability map); ReLU paths depend on the input.
+        A 3D probe is cut to its central 64³ and padded less, to bound memory.
     step : int
         The halo is the radius rounded up to a multiple of this (the model's size step).
     positions : int
@@ -829,33 +869,41 @@ def measure_halo(model: Any, probe: np.ndarray, *, step: int = 16, positions: in
     import torch
 
     probe = np.asarray(probe, np.float32)
-    if probe.ndim != 2 or min(probe.shape) < 2:
-        raise ValueError(f"probe must be a 2D image, got shape {probe.shape}")
+    if probe.ndim not in (2, 3) or min(probe.shape) < 2:
+        raise ValueError(f"probe must be a 2D or 3D image, got shape {probe.shape}")
+    if probe.ndim == 3:  # a 3D network on a 2D-sized padding would need GBs: cut and pad less
+        probe = probe[tuple(slice(max(0, (n - 64) // 2), max(0, (n - 64) // 2) + 64) for n in probe.shape)]
+    pad, max_pad = (128, 512) if probe.ndim == 2 else (32, 128)
     rng = np.random.default_rng(0)
-    pad = 128
-    while True:
-        # reflect-pad so the reach is not clipped by the probe's borders; grow if it was
-        x = np.pad(probe, pad, mode="reflect")
-        h, w = (-(-n // step) * step for n in x.shape)
-        x = np.pad(x, ((0, h - x.shape[0]), (0, w - x.shape[1])), mode="reflect")
-        batch = np.repeat(x[np.newaxis, np.newaxis], positions + 1, axis=0)
-        cy, cx = h // 2, w // 2
-        where = [(cy + int(dy), cx + int(dx)) for dy, dx in rng.integers(-8, 9, size=(positions, 2))]
-        for k, (y, xx) in enumerate(where, start=1):
-            batch[k, 0, y, xx] = 1.0 - batch[k, 0, y, xx] if batch[k, 0, y, xx] != 0.5 else 0.0
+
+    def run(batch: np.ndarray) -> np.ndarray:
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                out = model(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
+                return model(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
         finally:
             model.train(was_training)
+
+    while True:
+        # reflect-pad so the reach is not clipped by the probe's borders; grow if it was
+        x = np.pad(probe, pad, mode="reflect")
+        shape = [-(-n // step) * step for n in x.shape]
+        x = np.pad(x, [(0, n - m) for n, m in zip(shape, x.shape)], mode="reflect")
+        centre = np.array([n // 2 for n in shape])
+        where = [tuple(int(c) for c in centre + d) for d in rng.integers(-8, 9, size=(positions, probe.ndim))]
+        batch = np.repeat(x[np.newaxis, np.newaxis], positions + 1, axis=0)
+        for k, at in enumerate(where, start=1):
+            v = batch[(k, 0, *at)]
+            batch[(k, 0, *at)] = 1.0 - v if v != 0.5 else 0.0
+        # 2D: one batch; 3D: one volume at a time (memory)
+        out = run(batch) if probe.ndim == 2 else np.concatenate([run(batch[k : k + 1]) for k in range(len(batch))])
         radius = 0
-        for k, (y, xx) in enumerate(where, start=1):
-            ys, xs = np.nonzero(out[k, 0] != out[0, 0])
-            if ys.size:
-                radius = max(radius, int(np.abs(ys - y).max()), int(np.abs(xs - xx).max()))
-        if radius < min(cy, cx) - 16 or pad >= 512:
+        for k, at in enumerate(where, start=1):
+            moved = np.nonzero(out[k, 0] != out[0, 0])
+            if moved[0].size:
+                radius = max(radius, *(int(np.abs(idx - c).max()) for idx, c in zip(moved, at)))
+        if radius < int(centre.min()) - 16 or pad >= max_pad:
             break
         pad *= 2
     return radius, max(step, -(-radius // step) * step)
@@ -886,6 +934,7 @@ def train_enhancer(
     scales: Sequence[int] = (1,),
     calibration: float = 0.0,
     vary_features: bool = False,
+    ndim: int = 2,
     init: str | Path | None = None,
     time_limit_s: float | None = None,
     checkpoint: str | Path | None = None,
@@ -899,7 +948,8 @@ def train_enhancer(
     Parameters
     ----------
     images, masks : sequence of ndarray
-        Training raw images and binary ground truth (2D or stacks of 2D slices).
+        Training raw images and binary ground truth (2D or stacks of 2D slices;
+        ``(z, y, x)`` volumes with ``ndim=3``).
     out : path
         Package folder to write.
     name, description : str
@@ -907,7 +957,8 @@ def train_enhancer(
     n_forests, iterations, seed, depth, width : int
         Number of forests, optimiser steps, seed, U-Net depth and first-level width.
     label_patch, crop, train_patch : int
-        Label window, forest prediction crop and U-Net training patch sides.
+        Label window, forest prediction crop and U-Net training patch sides
+        (cubes in 3D: e.g. 64, 96, 48).
     batch_size : int
         U-Net batch size.
     lr : float
@@ -926,6 +977,9 @@ def train_enhancer(
         Strength of the probability remap augmentation (see :func:`train_unet`; 0 = off).
     vary_features : bool
         Each forest uses a random subset of the features (see :func:`make_forest_predictions`).
+    ndim : {2, 3}
+        A 2D enhancer (forests on slices, 2D U-Net) or a 3D one (forests on cubes of
+        the volumes with 3D features, 3D U-Net, a ``z, y, x`` package).
     init : path, optional
         Start from these weights instead of a random initialisation (fine-tuning;
         see :func:`load_initial_weights`).
@@ -963,16 +1017,17 @@ def train_enhancer(
             seed=seed,
             scales=scales,
             vary_features=vary_features,
+            ndim=ndim,
             log=log,
         )
         t_forest = time.perf_counter() - t0
         torch.manual_seed(seed)
-        model = build_unet(depth=depth, width=width)
+        model = build_unet(depth=depth, width=width, ndim=ndim)
         if init is not None:
             load_initial_weights(model, init)
         n_params = sum(p.numel() for p in model.parameters())
         if log is not None:
-            log(f"U-Net depth {depth} width {width}: {n_params} parameters")
+            log(f"{ndim}D U-Net depth {depth} width {width}: {n_params} parameters")
         t1 = time.perf_counter()
         losses = train_unet(
             model,
@@ -994,21 +1049,22 @@ def train_enhancer(
             if log is not None:
                 log(f"output reacts to input up to {reach} px away: halo {halo}")
         if min_size is None:
-            min_size = 2 * halo + step  # smaller tiles would keep nothing
-        avail = min(pairs[0].probability.shape)
-        if avail < min_size:
-            raise ValueError(
-                f"forest crops of {avail} px are smaller than the model's minimum input {min_size} px; "
-                "pass a larger crop"
-            )
+            # smaller tiles would keep nothing (and bioimage.io requires a minimum size above 2 * halo);
+            # in 3D the test tensors are min_size³ float32, so the halo sets the package size
+            min_size = 2 * halo + step
+        probe = pairs[0].probability
+        if min(probe.shape) < min_size:  # small (3D) crops: mirror one up to a valid test input
+            probe = np.pad(probe, [(0, max(0, min_size - n)) for n in probe.shape], mode="symmetric")
+        avail = min(probe.shape)
         size = min_size + ((min(max(test_size, min_size), avail) - min_size) // step) * step
-        test_input = pairs[0].probability[:size, :size]
+        test_input = np.ascontiguousarray(probe[(slice(0, size),) * probe.ndim])
         info = {
             "n_forests": n_forests,
             "iterations": len(losses),
             "seed": seed,
             "depth": depth,
             "width": width,
+            **({"ndim": 3} if ndim == 3 else {}),  # absent: 2D, as in packages written before 3D existed
             "n_trees": n_trees,
             "scales": [int(f) for f in scales],
             "calibration": float(calibration),
@@ -1102,8 +1158,31 @@ def _parse_scales(text: str) -> list[int]:
     return out
 
 
+#: Label window, forest crop, U-Net patch and batch size by dimensionality (CLI defaults).
+_SIZES = {
+    2: {"label_patch": 256, "crop": 384, "train_patch": 128, "batch_size": 4, "test_size": 128},
+    3: {"label_patch": 64, "crop": 96, "train_patch": 48, "batch_size": 2, "test_size": 0},  # test: smallest input
+}
+
+
 def cmd_train_enhancer(args: argparse.Namespace) -> int:
     """Body of ``tda train-enhancer``; returns the exit code."""
+    ndim = int(getattr(args, "ndim", 2))
+    if ndim == 3 and args.slices is not None:
+        chosen = _parse_slices(args.slices)
+        if chosen != list(range(chosen[0], chosen[-1] + 1)):
+            raise SettingsError(
+                f"--slices {args.slices}: a 3D enhancer trains on a volume, so give one contiguous z range (e.g. 0-159)"
+            )
+    sizes = dict(_SIZES[ndim])
+    for key in ("label_patch", "crop", "train_patch", "batch_size"):
+        if getattr(args, key, None) is not None:
+            sizes[key] = int(getattr(args, key))
+    if sizes["train_patch"] > sizes["crop"]:
+        raise SettingsError(
+            f"--train-patch {sizes['train_patch']} is larger than the forest crop {sizes['crop']}; "
+            "give a smaller --train-patch or a larger --crop"
+        )
     specs = [(args.images, args.ground_truth)] + [tuple(p) for p in (args.add_data or [])]
     raws, gts = [], []
     for im_spec, gt_spec in specs:
@@ -1114,6 +1193,8 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
                 f"{im_spec} has shape {raw.shape} but its ground truth {gt_spec} has {gt.shape}; "
                 "give an image and a ground truth of the same shape"
             )
+        if ndim == 3 and raw.ndim != 3:
+            raise SettingsError(f"{im_spec} has shape {raw.shape}; a 3D enhancer (--ndim 3) needs (z, y, x) volumes")
         raws.append(raw)
         gts.append(gt)
     name = args.name or f"shallow2deep enhancer {Path(args.out).name}"
@@ -1135,6 +1216,8 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
         scales=_parse_scales(args.scales),
         calibration=args.calibration,
         vary_features=args.vary_features,
+        ndim=ndim,
+        **sizes,
         init=args.init,
         lr=args.lr,
         checkpoint=args.checkpoint,
@@ -1180,6 +1263,18 @@ def add_train_enhancer_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--depth", type=int, default=3, help="U-Net depth (default 3)")
     p.add_argument("--width", type=int, default=16, help="U-Net first-level channels (default 16)")
+    p.add_argument(
+        "--ndim",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="2: forests on 2D slices and a 2D U-Net (default); 3: forests on 3D cubes of the volume "
+        "(3D features and strokes) and a 3D U-Net, for 3D data (--slices then selects one z range)",
+    )
+    p.add_argument("--label-patch", type=int, default=None, help="side of the label window (default 256; 3D: 64)")
+    p.add_argument("--crop", type=int, default=None, help="side of each forest's predicted crop (default 384; 3D: 96)")
+    p.add_argument("--train-patch", type=int, default=None, help="U-Net training patch side (default 128; 3D: 48)")
+    p.add_argument("--batch-size", type=int, default=None, help="U-Net batch size (default 4; 3D: 2)")
     p.add_argument(
         "--scales",
         default="1",
