@@ -184,7 +184,8 @@ def datasets(data: Path, quick: bool) -> Iterator[tuple[str, str, str, np.ndarra
         )
 
 
-def _strokes_labels(mask: np.ndarray, seed: int, fraction: float = 0.001) -> np.ndarray:
+def stroke_labels(mask: np.ndarray, seed: int, fraction: float = 0.001) -> np.ndarray:
+    """Seeded strokes (2D or 3D) inside the two classes: 0 unlabelled, 1 background, 2 foreground."""
     per_class = max(50, int(fraction * mask.size / 2))
     gt = mask > 0
     labels = np.zeros(mask.shape, np.uint8)
@@ -229,7 +230,7 @@ def evaluate(
         t0 = time.perf_counter()
         for i, (raw, mask) in enumerate(zip(raws, masks)):
             gt = mask > 0
-            labels = _strokes_labels(mask, seed=1000 * seed + i, fraction=fraction)
+            labels = stroke_labels(mask, seed=1000 * seed + i, fraction=fraction)
             n_labels += int((labels > 0).sum())
             prob = forest_probability(raw, labels, n_trees=n_trees, seed=1000 * seed + i, features=EVAL_FEATURES)
             for key, pred in (("forest", prob > 0.5), ("enhanced", enh(prob) > 0.5)):

@@ -42,11 +42,10 @@ for entry in (ROOT, ROOT / "benchmarks"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
-from eval_enhancer import EVAL_FEATURES, TorchscriptEnhancer  # noqa: E402
+from eval_enhancer import EVAL_FEATURES, TorchscriptEnhancer, stroke_labels  # noqa: E402
 
 from tda_graph.models import bundled_enhancer  # noqa: E402
 from tda_graph.workflows.shallow2deep import forest_probability  # noqa: E402
-from tda_graph.workflows.strokes import simulate_strokes  # noqa: E402
 
 
 def volumes(data: Path) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
@@ -61,16 +60,6 @@ def volumes(data: Path) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
         with h5py.File(gala, "r") as f:
             for part in ("train", "test"):
                 yield f"gala FIB-SEM {part}", gala.name, f[f"{part}_raw"][...], f[f"{part}_boundaries"][...]
-
-
-def stroke_labels(mask: np.ndarray, seed: int, fraction: float) -> np.ndarray:
-    """Seeded 3D strokes inside the two classes: 0 unlabelled, 1 background, 2 boundary."""
-    per_class = max(50, int(fraction * mask.size / 2))
-    gt = mask > 0
-    labels = np.zeros(mask.shape, np.uint8)
-    for s in simulate_strokes({1: ~gt, 2: gt}, pixels_per_class=per_class, width=1, seed=seed):
-        labels[s.roi.to_slices()][s.mask] = s.label
-    return labels
 
 
 def scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:

@@ -460,3 +460,15 @@ def test_cli_3d_options_are_checked(tmp_path: Path) -> None:
     flat = ["train-enhancer", f"{h5}:raw2d", f"{h5}:gt2d", "--out", str(tmp_path / "o"), "--ndim", "3"]
     with pytest.raises(SettingsError, match=r"needs \(z, y, x\) volumes"):
         s2d.main(flat)
+
+
+def test_train_enhancer_3d_defaults_are_3d_sizes(volume: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    raw, gt = volume  # (40, 72, 72): smaller than the 96³ default crop, so crops are clipped and patches mirrored
+    res = s2d.train_enhancer(
+        [raw], [gt], tmp_path / "p", name="test 3d defaults", description="d", n_forests=1, iterations=1,
+        depth=1, width=2, ndim=3, n_trees=3, threads=1, run_test=False, log=None,
+    )  # fmt: skip
+    assert res.n_pairs == 1 and res.iterations == 1
+    assert np.load(res.package / "test_input.npy").shape == (1, 1, 48, 48, 48)  # the smallest valid input
+    with pytest.raises(ValueError, match="ndim must be 2 or 3"):
+        s2d.train_enhancer([raw], [gt], tmp_path / "q", name="bad ndim", description="d", ndim=4, log=None)

@@ -38,21 +38,25 @@ def enhancer_ref(model: str, *, allow_code: bool = False, tta: bool = False) -> 
     (``pytorch_state_dict``). The permission is not stored in the project: every
     ``predict`` has to be given it again. ``tta`` (test-time augmentation) is stored.
     """
+    return _load_enhancer(model, allow_code=allow_code, tta=tta)[0]
+
+
+def _load_enhancer(model: str, *, allow_code: bool, tta: bool) -> tuple[EnhancerRef, Any]:
+    """:func:`enhancer_ref` and the loaded :class:`~operators.enhancer.EnhancerModel` it was checked with."""
     from operators.enhancer import load_enhancer_model
     from tda_graph.models import bundled_enhancers
 
     bundled = bundled_enhancers()
     if model in bundled:
-        load_enhancer_model(str(bundled[model]), allow_code=allow_code)
-        return EnhancerRef(name=model, tta=tta)
+        return EnhancerRef(name=model, tta=tta), load_enhancer_model(str(bundled[model]), allow_code=allow_code)
     p = Path(model)
     if not p.exists():
         names = ", ".join(bundled) or "none"
         raise BatchError(
             f"enhancer {model!r} is neither a bundled enhancer ({names}) nor an existing package folder, yaml or .zip"
         )
-    load_enhancer_model(str(p), allow_code=allow_code)  # a package that fails to load fails now, not at predict time
-    return EnhancerRef.from_file(p / "bioimageio.yaml" if p.is_dir() else p, tta=tta)
+    loaded = load_enhancer_model(str(p), allow_code=allow_code)  # a package that fails to load fails now
+    return EnhancerRef.from_file(p / "bioimageio.yaml" if p.is_dir() else p, tta=tta), loaded
 
 
 def enhancer_source(ref: EnhancerRef) -> str:
@@ -180,7 +184,7 @@ def train_project(
 
     if tta and not enhancer:
         raise BatchError("tta needs an enhancer: add --enhancer NAME_OR_PATH (or drop --tta)")
-    ref = enhancer_ref(enhancer, allow_code=allow_code, tta=tta) if enhancer else None
+    ref, model = _load_enhancer(enhancer, allow_code=allow_code, tta=tta) if enhancer else (None, None)
     src = open_image(image, axes=axes, name="raw")
     lab_src = open_image(labels, name="labels")
     img_spec, lab_spec = src.output_spec({}), lab_src.output_spec({})
@@ -212,9 +216,10 @@ def train_project(
             wf.graph.request(wf.probabilities, Roi((0,) * (len(spatial) + 1), (1,) * (len(spatial) + 1)))
         except ClassifierNotReady as e:
             raise BatchError(f"cannot train from {labels!r}: {e}") from None
-        if ref is not None:  # an enhancer that cannot take this image (a 3D model on 2D data) fails now, not at predict
+        # an enhancer that cannot take this image (a 3D model on 2D data) fails now, not at predict time
+        if model is not None:
             try:
-                wf.set_enhancer(enhancer_source(ref), allow_code=allow_code, tta=tta)
+                wf.set_enhancer(model, allow_code=allow_code, tta=tta)
             except SpecError as e:
                 raise BatchError(f"enhancer {enhancer!r} does not fit the image {image!r}: {e}") from None
         path, inner, _ = parse_image_spec(image)

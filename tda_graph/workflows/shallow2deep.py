@@ -910,6 +910,14 @@ def measure_halo(model: Any, probe: np.ndarray, *, step: int = 16, positions: in
 
 
 # --------------------------------------------------------------------------- all together
+#: Label window, forest crop, U-Net patch, batch and test tensor sizes by dimensionality
+#: (the defaults of :func:`train_enhancer` and of the CLI).
+_SIZES = {
+    2: {"label_patch": 256, "crop": 384, "train_patch": 128, "batch_size": 4, "test_size": 128},
+    3: {"label_patch": 64, "crop": 96, "train_patch": 48, "batch_size": 2, "test_size": 0},  # test: smallest input
+}
+
+
 def train_enhancer(
     images: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
@@ -922,15 +930,15 @@ def train_enhancer(
     seed: int = 0,
     depth: int = 3,
     width: int = 16,
-    label_patch: int = 256,
-    crop: int = 384,
-    train_patch: int = 128,
-    batch_size: int = 4,
+    label_patch: int | None = None,
+    crop: int | None = None,
+    train_patch: int | None = None,
+    batch_size: int | None = None,
     lr: float = 1e-3,
     n_trees: int = 15,
     halo: int | None = None,
     min_size: int | None = None,
-    test_size: int = 128,
+    test_size: int | None = None,
     scales: Sequence[int] = (1,),
     calibration: float = 0.0,
     vary_features: bool = False,
@@ -956,11 +964,11 @@ def train_enhancer(
         Model name and description.
     n_forests, iterations, seed, depth, width : int
         Number of forests, optimiser steps, seed, U-Net depth and first-level width.
-    label_patch, crop, train_patch : int
+    label_patch, crop, train_patch : int, optional
         Label window, forest prediction crop and U-Net training patch sides
-        (cubes in 3D: e.g. 64, 96, 48).
-    batch_size : int
-        U-Net batch size.
+        (default 256, 384, 128; cubes of 64, 96, 48 in 3D).
+    batch_size : int, optional
+        U-Net batch size (default 4; 2 in 3D).
     lr : float
         Learning rate.
     n_trees : int
@@ -969,8 +977,9 @@ def train_enhancer(
         Declared output halo and minimum input size (the step is ``2 ** depth``,
         at least 16). Default: the halo is measured on the trained network
         (:func:`measure_halo`), the minimum size is ``2 * halo + step``.
-    test_size : int
-        Side of the stored test tensor (rounded down to a valid size; keeps the package small).
+    test_size : int, optional
+        Side of the stored test tensor (rounded down to a valid size; keeps the package small;
+        default 128 in 2D, the smallest valid input in 3D).
     scales : sequence of int
         Downsampling factors the forests see (see :func:`make_forest_predictions`).
     calibration : float
@@ -1002,6 +1011,12 @@ def train_enhancer(
     """
     import torch
 
+    if ndim not in _SIZES:
+        raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
+    given = {"label_patch": label_patch, "crop": crop, "train_patch": train_patch, "batch_size": batch_size}
+    sizes = {**_SIZES[ndim], **{k: int(v) for k, v in {**given, "test_size": test_size}.items() if v is not None}}
+    label_patch, crop, train_patch = sizes["label_patch"], sizes["crop"], sizes["train_patch"]
+    batch_size, test_size = sizes["batch_size"], sizes["test_size"]
     prev_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -1158,13 +1173,6 @@ def _parse_scales(text: str) -> list[int]:
     return out
 
 
-#: Label window, forest crop, U-Net patch and batch size by dimensionality (CLI defaults).
-_SIZES = {
-    2: {"label_patch": 256, "crop": 384, "train_patch": 128, "batch_size": 4, "test_size": 128},
-    3: {"label_patch": 64, "crop": 96, "train_patch": 48, "batch_size": 2, "test_size": 0},  # test: smallest input
-}
-
-
 def cmd_train_enhancer(args: argparse.Namespace) -> int:
     """Body of ``tda train-enhancer``; returns the exit code."""
     ndim = int(getattr(args, "ndim", 2))
@@ -1174,10 +1182,8 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
             raise SettingsError(
                 f"--slices {args.slices}: a 3D enhancer trains on a volume, so give one contiguous z range (e.g. 0-159)"
             )
-    sizes = dict(_SIZES[ndim])
-    for key in ("label_patch", "crop", "train_patch", "batch_size"):
-        if getattr(args, key, None) is not None:
-            sizes[key] = int(getattr(args, key))
+    given = {k: getattr(args, k) for k in ("label_patch", "crop", "train_patch", "batch_size")}
+    sizes = {**_SIZES[ndim], **{k: int(v) for k, v in given.items() if v is not None}}
     if sizes["train_patch"] > sizes["crop"]:
         raise SettingsError(
             f"--train-patch {sizes['train_patch']} is larger than the forest crop {sizes['crop']}; "
