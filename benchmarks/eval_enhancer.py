@@ -184,6 +184,12 @@ def datasets(data: Path, quick: bool) -> Iterator[tuple[str, str, str, np.ndarra
         )
 
 
+def iou_dice(inter: float, predicted: float, truth: float) -> tuple[float, float]:
+    """Foreground IoU and Dice from the intersection and the two foreground sizes."""
+    inter, predicted, truth = float(inter), float(predicted), float(truth)
+    return inter / max(1.0, predicted + truth - inter), 2 * inter / max(1.0, predicted + truth)
+
+
 def stroke_labels(mask: np.ndarray, seed: int, fraction: float = 0.001) -> np.ndarray:
     """Seeded strokes (2D or 3D) inside the two classes: 0 unlabelled, 1 background, 2 foreground."""
     per_class = max(50, int(fraction * mask.size / 2))
@@ -247,8 +253,7 @@ def evaluate(
             "tta": tta,
         }
         for key, (inter, p, g) in counts.items():
-            row[f"{key}_iou"] = float(inter / max(1.0, p + g - inter))
-            row[f"{key}_dice"] = float(2 * inter / max(1.0, p + g))
+            row[f"{key}_iou"], row[f"{key}_dice"] = iou_dice(inter, p, g)
         rows.append(row)
         print(
             f"{name:18s} {dname:34s} forest IoU {row['forest_iou']:.3f} Dice {row['forest_dice']:.3f} | "

@@ -42,7 +42,7 @@ for entry in (ROOT, ROOT / "benchmarks"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
-from eval_enhancer import EVAL_FEATURES, TorchscriptEnhancer, stroke_labels  # noqa: E402
+from eval_enhancer import EVAL_FEATURES, TorchscriptEnhancer, iou_dice, stroke_labels  # noqa: E402
 
 from tda_graph.models import bundled_enhancer  # noqa: E402
 from tda_graph.workflows.shallow2deep import forest_probability  # noqa: E402
@@ -60,12 +60,6 @@ def volumes(data: Path) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
         with h5py.File(gala, "r") as f:
             for part in ("train", "test"):
                 yield f"gala FIB-SEM {part}", gala.name, f[f"{part}_raw"][...], f[f"{part}_boundaries"][...]
-
-
-def scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
-    """Foreground IoU and Dice."""
-    inter, p, g = float((pred & gt).sum()), float(pred.sum()), float(gt.sum())
-    return inter / max(1.0, p + g - inter), 2 * inter / max(1.0, p + g)
 
 
 def evaluate(
@@ -102,7 +96,7 @@ def evaluate(
                 "seconds": {"forest": round(t_forest, 1), "enhancer_2d": round(t_2d, 1), "enhancer_3d": round(t_3d, 1)},
             }
             for key, pred in (("forest", prob > 0.5), ("enhancer_2d", per_slice > 0.5), ("enhancer_3d", whole > 0.5)):
-                row[f"{key}_iou"], row[f"{key}_dice"] = scores(pred, gt)
+                row[f"{key}_iou"], row[f"{key}_dice"] = iou_dice((pred & gt).sum(), pred.sum(), gt.sum())
             rows.append(row)
             print(
                 f"{vname:24s} seed {seed}: forest {row['forest_iou']:.3f} | 2D per slice {row['enhancer_2d_iou']:.3f}"

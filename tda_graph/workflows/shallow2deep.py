@@ -1013,10 +1013,17 @@ def train_enhancer(
 
     if ndim not in _SIZES:
         raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
-    given = {"label_patch": label_patch, "crop": crop, "train_patch": train_patch, "batch_size": batch_size}
-    sizes = {**_SIZES[ndim], **{k: int(v) for k, v in {**given, "test_size": test_size}.items() if v is not None}}
-    label_patch, crop, train_patch = sizes["label_patch"], sizes["crop"], sizes["train_patch"]
-    batch_size, test_size = sizes["batch_size"], sizes["test_size"]
+    default = _SIZES[ndim]
+    label_patch = default["label_patch"] if label_patch is None else int(label_patch)
+    crop = default["crop"] if crop is None else int(crop)
+    train_patch = default["train_patch"] if train_patch is None else int(train_patch)
+    batch_size = default["batch_size"] if batch_size is None else int(batch_size)
+    test_size = default["test_size"] if test_size is None else int(test_size)
+    if train_patch > crop:
+        raise SettingsError(
+            f"--train-patch {train_patch} is larger than the forest crop {crop}; "
+            "give a smaller --train-patch or a larger --crop"
+        )
     prev_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -1182,13 +1189,6 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
             raise SettingsError(
                 f"--slices {args.slices}: a 3D enhancer trains on a volume, so give one contiguous z range (e.g. 0-159)"
             )
-    given = {k: getattr(args, k) for k in ("label_patch", "crop", "train_patch", "batch_size")}
-    sizes = {**_SIZES[ndim], **{k: int(v) for k, v in given.items() if v is not None}}
-    if sizes["train_patch"] > sizes["crop"]:
-        raise SettingsError(
-            f"--train-patch {sizes['train_patch']} is larger than the forest crop {sizes['crop']}; "
-            "give a smaller --train-patch or a larger --crop"
-        )
     specs = [(args.images, args.ground_truth)] + [tuple(p) for p in (args.add_data or [])]
     raws, gts = [], []
     for im_spec, gt_spec in specs:
@@ -1223,7 +1223,10 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         vary_features=args.vary_features,
         ndim=ndim,
-        **sizes,
+        label_patch=args.label_patch,
+        crop=args.crop,
+        train_patch=args.train_patch,
+        batch_size=args.batch_size,
         init=args.init,
         lr=args.lr,
         checkpoint=args.checkpoint,
