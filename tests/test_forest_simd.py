@@ -84,6 +84,48 @@ def test_votes_equal_the_float64_sums_exactly(seed, n_classes, trees, depth, cls
         np.testing.assert_array_equal(votes, sums)
 
 
+@pytest.mark.parametrize("n_classes", [2, 3, 4])
+@pytest.mark.parametrize("block", [64, 4096])
+def test_votes_are_exact_whichever_class_the_trees_skip(n_classes, block):
+    # Mostly one class per block of rows (an image that is mostly background, or
+    # mostly one organelle): the kernel stops counting that class's votes and derives
+    # them, each class in turn, including the 2-update path of a non-last skip class.
+    X, y = make_data(11, n_classes, 900)
+    clf = RandomForestClassifier(30, random_state=1).fit(X, y)
+    arrays = forest_arrays_from_sklearn(clf)
+    rows = [X[y == c][np.random.default_rng(c).integers(0, (y == c).sum(), 4096)] for c in range(n_classes)]
+    X_test = np.concatenate(rows + [make_data(12, n_classes, 777)[0]])
+    sums = predict_proba(with_votes(arrays, False), X_test, block=block, simd=False)
+    np.testing.assert_allclose(sums, clf.predict_proba(X_test), atol=1e-6)
+    for simd in [False, True] if simd_available() else [False]:
+        np.testing.assert_array_equal(predict_proba(arrays, X_test, block=block, simd=simd), sums)
+
+
+@pytest.mark.parametrize(
+    ("last_tree", "skip"),
+    [
+        ([0, 0], 1),  # the first tree: nothing known, the last class (free anyway)
+        ([90, 10], 0),  # two classes: skip the one most samples reach
+        ([10, 90], 1),
+        ([50, 50], 1),  # a tie keeps the last class
+        ([80, 10, 10], 0),  # cost 2*10 + 10 = 30 < 90
+        ([45, 45, 10], 2),  # cost 2*45 + 10 = 100 > 90: keep the last class
+        ([10, 70, 20], 1),
+    ],
+)
+def test_each_tree_skips_the_class_that_saves_most_vote_updates(last_tree, skip):
+    k = len(last_tree)
+    tally = np.zeros(2 * k + 1, np.int64)
+    tally[:k] = last_tree
+    forest_cpu._tree_votes_start(tally, k)
+    assert tally[2 * k] == skip
+    assert list(tally[:k]) == [0] * k  # counting starts afresh for the next tree
+    base = [0] * k
+    if skip != k - 1:
+        base[skip] = 1  # every sample holds this tree's vote until it gives it back
+    assert list(tally[k : 2 * k]) == base
+
+
 def test_fractional_leaves_are_not_counted_as_votes():
     X, y = make_data(7, 2, 400)
     arrays = forest_arrays_from_sklearn(RandomForestClassifier(10, max_depth=2, random_state=0).fit(X, y))

@@ -23,6 +23,7 @@ from .forest_cpu import (
     _leaf_add,
     _push_children,
     _split_scalar,
+    _tree_votes_start,
     _walk_branchy,
     _write_block,
 )
@@ -48,6 +49,7 @@ def _walk_partition_avx2(
     vote: bool,
     acc: Any,
     votes: Any,
+    tally: Any,
     buf: Any,
     st_node: Any,
     st_s: Any,
@@ -61,11 +63,13 @@ def _walk_partition_avx2(
     unb = uint64(nb)
     step = uint64(8)
     for t in range(roots.shape[0]):
+        if vote:
+            _tree_votes_start(tally, leaf_value.shape[1])
         root = roots[t]
         if root < 0:  # a tree that is a single leaf
             for i in range(nb):
                 buf[i] = i
-            _leaf_add(buf, uint64(0), unb, ~root, leaf_value, leaf_class, vote, acc, votes)
+            _leaf_add(buf, uint64(0), unb, ~root, leaf_value, leaf_class, vote, acc, votes, tally)
             continue
         th = thr[root]
         fo = uint64(feature[root]) * unb
@@ -94,7 +98,7 @@ def _walk_partition_avx2(
             s = s & 0x7FFFFFFF
             so = which * unb
             if node < 0:
-                _leaf_add(buf, so + uint64(s), so + uint64(e), ~node, leaf_value, leaf_class, vote, acc, votes)
+                _leaf_add(buf, so + uint64(s), so + uint64(e), ~node, leaf_value, leaf_class, vote, acc, votes, tally)
                 continue
             do = (uint64(1) - which) * unb
             th = thr[node]
@@ -139,14 +143,14 @@ def predict_kernel_avx2(
         start = b * block
         stop = min(n, start + block)
         nb = stop - start
-        acc, votes, buf, st_node, st_s, st_e = _block_buffers(nb, n_classes, vote, max_tree_nodes)
+        acc, votes, tally, buf, st_node, st_s, st_e = _block_buffers(nb, n_classes, vote, max_tree_nodes)
         Xb, nan = _feature_major(X, start, stop)
         if nan:
             _walk_branchy(X, start, stop, feature, thr, left, right, mgl, roots, leaf_value, acc)
-            _write_block(out, start, acc, votes, False, roots.shape[0])
+            _write_block(out, start, acc, votes, tally, False, roots.shape[0])
             continue
         _walk_partition_avx2(
-            Xb, nb, feature, thr, left, right, roots, leaf_value, leaf_class, vote, acc.reshape(-1), votes, buf,
-            st_node, st_s, st_e, lut,
+            Xb, nb, feature, thr, left, right, roots, leaf_value, leaf_class, vote, acc.reshape(-1), votes, tally,
+            buf, st_node, st_s, st_e, lut,
         )  # fmt: skip
-        _write_block(out, start, acc, votes, vote, roots.shape[0])
+        _write_block(out, start, acc, votes, tally, vote, roots.shape[0])

@@ -8,7 +8,8 @@ and reproduces sklearn's ``predict_proba`` to
 about 1e-7 on float32 inputs, including NaN routing.  On x86-64 CPUs with AVX2 the
 partition takes eight samples per step (:mod:`forest_avx2`, bit-identical results).
 Forests grown to purity (one-hot leaves, sklearn's default) count integer votes
-instead of summing fractions: the same sums, exactly, with counters that stay in L1.
+instead of summing fractions: the same sums, exactly, with counters that stay in L1;
+per tree, the class most samples reach is not counted but derived.
 
 Node encoding
 -------------
@@ -405,16 +406,58 @@ def forest_arrays_from_trees(trees: Any, classes: np.ndarray, n_features: int) -
 # ---------------------------------------------------------------------- kernel
 @njit(nogil=True, cache=True, inline="always")
 def _leaf_votes(
-    buf: Any, lo: Any, hi: Any, leaf: int, leaf_class: Any, votes: Any, n_classes: int
+    buf: Any, lo: Any, hi: Any, leaf: int, leaf_class: Any, votes: Any, tally: Any, n_classes: int
 ) -> None:  # pragma: no cover - compiled
     # One-hot leaves: the samples buf[lo:hi] get one vote for the leaf's class, kept as
-    # integers (exactly the float64 sums, but the counters stay in L1); the last
-    # class is derived at the end, so its leaves cost nothing.
-    c = leaf_class[leaf]
-    if c < n_classes - 1:
-        km = uint64(n_classes - 1)
+    # integers (exactly the float64 sums, but the counters stay in L1).  The last class
+    # is derived at the end as trees - the others.  The class ``skip`` (chosen per tree
+    # by _tree_votes_start) costs nothing: every sample holds its vote by default
+    # (``base``, one counter per block) and samples of the other classes give it back;
+    # when ``skip`` is the last class there is nothing to give back.  On an image that
+    # is mostly background, background leaves are then free whichever class it is.
+    c = np.int64(leaf_class[leaf])
+    k = np.int64(n_classes)
+    tally[c] += np.int64(hi - lo)
+    s = tally[2 * k]
+    if c == s:
+        return
+    km = uint64(n_classes - 1)
+    if c != k - 1:
+        if s == k - 1:
+            for i in range(lo, hi):
+                votes[uint64(buf[i]) * km + uint64(c)] += np.int32(1)
+        else:
+            for i in range(lo, hi):
+                j = uint64(buf[i]) * km
+                votes[j + uint64(c)] += np.int32(1)
+                votes[j + uint64(s)] -= np.int32(1)
+    else:
         for i in range(lo, hi):
-            votes[uint64(buf[i]) * km + uint64(c)] += np.uint32(1)
+            votes[uint64(buf[i]) * km + uint64(s)] -= np.int32(1)
+
+
+@njit(nogil=True, cache=True)
+def _tree_votes_start(tally: Any, n_classes: int) -> None:  # pragma: no cover - compiled
+    # Before each tree: pick the class whose samples will cost nothing, from how many
+    # samples each class got in the tree before (neighbouring trees agree closely).
+    # Counting a sample costs one update, or two for a non-last class when ``skip`` is
+    # not the last class (its own vote and the skip class's give-back).
+    k = n_classes
+    n_rest = np.int64(0)
+    for c in range(k - 1):
+        n_rest += tally[c]
+    skip = k - 1
+    best = n_rest
+    for c in range(k - 1):
+        cost = 2 * (n_rest - tally[c]) + tally[k - 1]
+        if cost < best:
+            best = cost
+            skip = c
+    for c in range(k):
+        tally[c] = 0
+    tally[2 * k] = skip
+    if skip != k - 1:
+        tally[k + skip] += 1
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -431,11 +474,20 @@ def _leaf_sums(buf: Any, lo: Any, hi: Any, leaf: int, leaf_value: Any, acc: Any)
 
 @njit(nogil=True, cache=True, inline="always")
 def _leaf_add(
-    buf: Any, lo: Any, hi: Any, leaf: int, leaf_value: Any, leaf_class: Any, vote: bool, acc: Any, votes: Any
+    buf: Any,
+    lo: Any,
+    hi: Any,
+    leaf: int,
+    leaf_value: Any,
+    leaf_class: Any,
+    vote: bool,
+    acc: Any,
+    votes: Any,
+    tally: Any,
 ) -> None:  # pragma: no cover - compiled
     # The samples buf[lo:hi] reached ``leaf``: votes for one-hot forests, else fractions.
     if vote:
-        _leaf_votes(buf, lo, hi, leaf, leaf_class, votes, leaf_value.shape[1])
+        _leaf_votes(buf, lo, hi, leaf, leaf_class, votes, tally, leaf_value.shape[1])
     else:
         _leaf_sums(buf, lo, hi, leaf, leaf_value, acc)
 
@@ -468,6 +520,7 @@ def _walk_partition(
     vote: bool,
     acc: Any,
     votes: Any,
+    tally: Any,
     buf: Any,
     st_node: Any,
     st_s: Any,
@@ -482,6 +535,8 @@ def _walk_partition(
     # stop); every index is unsigned, which spares numba's negative-index fix-ups.
     unb = uint64(nb)
     for t in range(roots.shape[0]):
+        if vote:
+            _tree_votes_start(tally, leaf_value.shape[1])
         for i in range(nb):
             buf[i] = i
         st_node[0] = roots[t]
@@ -497,7 +552,7 @@ def _walk_partition(
             s = s & 0x7FFFFFFF
             so = which * unb
             if node < 0:
-                _leaf_add(buf, so + uint64(s), so + uint64(e), ~node, leaf_value, leaf_class, vote, acc, votes)
+                _leaf_add(buf, so + uint64(s), so + uint64(e), ~node, leaf_value, leaf_class, vote, acc, votes, tally)
                 continue
             do = (uint64(1) - which) * unb
             fo = uint64(feature[node]) * unb
@@ -576,7 +631,9 @@ def _feature_major(X: Any, start: int, stop: int) -> Any:  # pragma: no cover - 
 
 
 @njit(nogil=True, cache=True)
-def _write_block(out: Any, start: int, acc: Any, votes: Any, use_votes: bool, n_trees: int) -> None:  # pragma: no cover
+def _write_block(
+    out: Any, start: int, acc: Any, votes: Any, tally: Any, use_votes: bool, n_trees: int
+) -> None:  # pragma: no cover - compiled
     # float64 sums (or integer votes, which are the same sums) divided once: summing
     # 100 float32 probabilities in float32 can drift by a few 1e-6; float64 keeps us
     # ~1e-8 from sklearn's float64 average.
@@ -586,7 +643,7 @@ def _write_block(out: Any, start: int, acc: Any, votes: Any, use_votes: bool, n_
         for i in range(nb):
             rest = n_trees
             for c in range(km):
-                v = votes[i * km + c]
+                v = np.int64(votes[i * km + c]) + tally[n_classes + c]
                 rest -= v
                 out[start + i, c] = np.float64(v) / n_trees
             out[start + i, km] = np.float64(rest) / n_trees
@@ -599,12 +656,13 @@ def _write_block(out: Any, start: int, acc: Any, votes: Any, use_votes: bool, n_
 @njit(nogil=True, cache=True)
 def _block_buffers(nb: int, n_classes: int, vote: bool, max_tree_nodes: int) -> Any:  # pragma: no cover
     acc = np.zeros((nb, n_classes), np.float64)
-    votes = np.zeros(nb * (n_classes - 1) if vote else 0, np.uint32)
+    votes = np.zeros(nb * (n_classes - 1) if vote else 0, np.int32)
+    tally = np.zeros(2 * n_classes + 1, np.int64)  # per class: samples in the last tree, base; skip class
     buf = np.empty(2 * nb, np.uint32)
     st_node = np.empty(max_tree_nodes + 2, np.int32)
     st_s = np.empty(max_tree_nodes + 2, np.int64)
     st_e = np.empty(max_tree_nodes + 2, np.int64)
-    return acc, votes, buf, st_node, st_s, st_e
+    return acc, votes, tally, buf, st_node, st_s, st_e
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -630,17 +688,17 @@ def _predict_kernel(
         start = b * block
         stop = min(n, start + block)
         nb = stop - start
-        acc, votes, buf, st_node, st_s, st_e = _block_buffers(nb, n_classes, vote, max_tree_nodes)
+        acc, votes, tally, buf, st_node, st_s, st_e = _block_buffers(nb, n_classes, vote, max_tree_nodes)
         Xb, nan = _feature_major(X, start, stop)
         if nan:
             _walk_branchy(X, start, stop, feature, thr, left, right, mgl, roots, leaf_value, acc)
-            _write_block(out, start, acc, votes, False, roots.shape[0])
+            _write_block(out, start, acc, votes, tally, False, roots.shape[0])
             continue
         _walk_partition(
-            Xb, nb, feature, thr, left, right, roots, leaf_value, leaf_class, vote, acc.reshape(-1), votes, buf,
-            st_node, st_s, st_e,
+            Xb, nb, feature, thr, left, right, roots, leaf_value, leaf_class, vote, acc.reshape(-1), votes, tally,
+            buf, st_node, st_s, st_e,
         )  # fmt: skip
-        _write_block(out, start, acc, votes, vote, roots.shape[0])
+        _write_block(out, start, acc, votes, tally, vote, roots.shape[0])
 
 
 def simd_available() -> bool:
