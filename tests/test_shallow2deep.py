@@ -72,6 +72,44 @@ def test_forest_pairs_with_varied_features_are_seeded_and_differ() -> None:
     assert any(not np.array_equal(x.probability, y.probability) for x, y in zip(a, plain))
 
 
+@pytest.mark.parametrize("seed", range(12))  # both label kinds (points, strokes) occur
+def test_background_labels_avoid_the_given_structures(seed: int) -> None:
+    im = em_like((128, 128), seed=6)
+    target = im.mitochondria > 0
+    avoid = (im.membranes > 0) & ~target
+    window = (slice(16, 112), slice(8, 120))
+    labels = s2d._sparse_labels(target, window, np.random.default_rng(seed), avoid)
+    assert (labels[avoid] != 1).all()  # no background label on a membrane
+    assert (labels == 1).sum() >= 20 and (labels == 2).sum() >= 1
+    assert (labels[~target] != 2).all() and (labels[target] != 1).all()
+    # a window with nothing but avoided background: fall back to all of the background
+    everything = np.ones_like(target)
+    labels = s2d._sparse_labels(target, window, np.random.default_rng(seed), everything)
+    assert (labels == 1).sum() >= 20
+
+
+def test_forest_pairs_with_avoided_background_are_seeded_and_change_the_forests() -> None:
+    im = em_like((128, 128), seed=4)
+    kw = dict(patch=48, crop=64, n_trees=3, seed=8)
+    avoid = [(im.membranes > 0) & (im.mitochondria == 0)]
+    a = s2d.make_forest_predictions([im.raw], [im.mitochondria], 3, avoid=avoid, avoid_share=1.0, **kw)
+    b = s2d.make_forest_predictions([im.raw], [im.mitochondria], 3, avoid=avoid, avoid_share=1.0, **kw)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.probability, y.probability)
+    # forests that never saw a membrane as background score membranes higher
+    plain = s2d.make_forest_predictions([im.raw], [im.mitochondria], 3, **kw)
+
+    def on_membranes(pairs: list[s2d.ForestPair]) -> float:
+        crops = [(im.membranes > 0)[p.source[2] : p.source[2] + 64, p.source[3] : p.source[3] + 64] for p in pairs]
+        return float(np.mean([p.probability[m].mean() for p, m in zip(pairs, crops)]))
+
+    assert on_membranes(a) > on_membranes(plain) + 0.1
+    with pytest.raises(ValueError, match="one avoid mask per image"):
+        s2d.make_forest_predictions([im.raw], [im.mitochondria], 1, avoid=[im.membranes[:10]], **kw)
+    with pytest.raises(ValueError, match="avoid_share must be in"):
+        s2d.make_forest_predictions([im.raw], [im.mitochondria], 1, avoid=avoid, avoid_share=1.5, **kw)
+
+
 def test_bin_means_blocks() -> None:
     a = np.arange(16, dtype=np.uint8).reshape(4, 4)
     np.testing.assert_array_equal(s2d._bin(a, 2), [[2.5, 4.5], [10.5, 12.5]])
@@ -303,12 +341,14 @@ def test_train_enhancer_cli_end_to_end(tmp_path: Path) -> None:
         f["raw2"] = other.raw[np.newaxis]
         f["gt2"] = other.membranes[np.newaxis]
         f["gt_bad"] = other.membranes[np.newaxis, :90]
+        f["mito"] = np.stack([i.mitochondria for i in im])
+        f["mito2"] = other.mitochondria[np.newaxis]
     argv = ["train-enhancer", f"{h5}:raw", f"{h5}:gt", "--out", str(tmp_path / "pkg"), "--forests", "4"]
     argv += ["--iterations", "2", "--depth", "2", "--width", "4", "--no-test", "--slices", "0"]
     assert s2d.main(argv + ["--add-data", f"{h5}:raw2", f"{h5}:gt2"]) == 0
     text = (tmp_path / "pkg" / "bioimageio.yaml").read_text()
     assert "raw2" in text and "gt2" in text  # both pairs recorded in the package's training facts
-    tuned = tmp_path / "tuned"
+    tuned = tmp_path / "tuned.v2"  # the default model name comes from it; bioimage.io refuses the dot
     argv_ft = (
         argv[:4] + [str(tuned)] + argv[5:] + ["--init", str(tmp_path / "pkg"), "--calibration", "1", "--lr", "1e-4"]
     )
@@ -316,8 +356,44 @@ def test_train_enhancer_cli_end_to_end(tmp_path: Path) -> None:
     facts = (tuned / "bioimageio.yaml").read_text()
     assert "init:" in facts and "calibration: 1.0" in facts and "lr: 0.0001" in facts
     assert "vary_features: false" in facts
+    assert "name: shallow2deep enhancer tuned_v2" in facts
     with pytest.raises(SettingsError, match=r"gt_bad has \(1, 90, 176\).*same shape"):
         s2d.main(argv + ["--add-data", f"{h5}:raw2", f"{h5}:gt_bad"])
+    # --avoid: one mask per pair, recorded in the package
+    avoided = argv[:4] + [str(tmp_path / "avoided")] + argv[5:] + ["--add-data", f"{h5}:raw2", f"{h5}:gt2"]
+    assert s2d.main(avoided + ["--avoid", f"{h5}:mito", "--avoid", f"{h5}:mito2", "--avoid-share", "1"]) == 0
+    facts = (tmp_path / "avoided" / "bioimageio.yaml").read_text()
+    assert "mito2" in facts and "avoid_share: 1.0" in facts
+    with pytest.raises(SettingsError, match="1 --avoid mask.*for 2 data pair.*one --avoid per pair"):
+        s2d.main(avoided + ["--avoid", f"{h5}:mito"])
+    with pytest.raises(SettingsError, match=r"--avoid .*gt_bad has shape \(1, 90, 176\).*image's shape"):
+        s2d.main(avoided + ["--avoid", f"{h5}:mito", "--avoid", f"{h5}:gt_bad"])
+    with pytest.raises(SettingsError, match="--avoid-share 2.0: give a share"):
+        s2d.main(avoided + ["--avoid-share", "2"])
+
+
+@pytest.mark.parametrize(("name", "why"), [("cand", "has 4 characters"), ("mito/v2 model", "characters '/'")])
+def test_a_name_bioimageio_refuses_stops_training_before_it_starts(name: str, why: str, tmp_path: Path) -> None:
+    im = em_like((96, 96), seed=1)
+    with pytest.raises(SettingsError, match=f"{why}.*bioimage.io needs 5-128 characters.*give another --name"):
+        s2d.train_enhancer([im.raw], [im.mitochondria], tmp_path / "pkg", name=name, description="d", log=None)
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_a_failed_export_keeps_the_trained_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(s2d, "export_enhancer", disk_full)
+    im = em_like((96, 96), seed=1)
+    kw = dict(name="tiny model", description="d", n_forests=2, iterations=3, depth=1, width=2, log=None)
+    with pytest.raises(OSError, match="No space left") as err:
+        s2d.train_enhancer([im.raw], [im.mitochondria], tmp_path / "pkg", label_patch=48, crop=64, train_patch=32, **kw)
+    kept = tmp_path / "pkg.unexported.ckpt"
+    assert any(str(kept) in note for note in err.value.__notes__)
+    net = s2d.build_unet(depth=1, width=2)
+    s2d.load_initial_weights(net, kept)  # a checkpoint --init reads
+    assert [p.name for p in tmp_path.iterdir()] == [kept.name]  # no temp file left, no half package
 
 
 def test_importing_does_not_import_torch() -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -127,26 +128,32 @@ def _as_volume(volume: np.ndarray) -> np.ndarray:
     return a
 
 
-def _sparse_labels(target: np.ndarray, window: tuple[slice, slice], rng: np.random.Generator) -> np.ndarray:
+def _sparse_labels(
+    target: np.ndarray, window: tuple[slice, ...], rng: np.random.Generator, avoid: np.ndarray | None = None
+) -> np.ndarray:
     """Random sparse labels (0 = unlabelled, 1 = background, 2 = foreground) inside ``window``.
 
     Half of the forests get balanced random points (20-300 per class), the other
     half simulated brush strokes, so the forests range from poor to good.
+    ``avoid`` (same shape as ``target``): background labels stay off these pixels.
     """
     from .strokes import simulate_strokes
 
     labels = np.zeros(target.shape, np.uint8)
     sub = target[window].astype(bool)
+    background = ~sub
+    if avoid is not None and (~sub & ~avoid[window]).any():
+        background = ~sub & ~avoid[window]
     n = int(rng.integers(20, 301))
     if rng.random() < 0.5:
-        for value, mask in ((1, ~sub), (2, sub)):
+        for value, mask in ((1, background), (2, sub)):
             pts = np.flatnonzero(mask)
             pick = rng.choice(pts, size=min(n, len(pts)), replace=False)
             view = labels[window]
             view[np.unravel_index(pick, sub.shape)] = value
     else:
         strokes = simulate_strokes(
-            {1: ~sub, 2: sub},
+            {1: background, 2: sub},
             pixels_per_class=n,
             length=int(rng.integers(10, 40)),
             width=int(rng.integers(0, 2)),
@@ -238,6 +245,8 @@ def make_forest_predictions(
     scales: Sequence[int] = (1,),
     vary_features: bool = False,
     ndim: int = 2,
+    avoid: Sequence[np.ndarray] | None = None,
+    avoid_share: float = 0.5,
     log: Callable[[str], None] | None = None,
 ) -> list[ForestPair]:
     """Train ``n_forests`` small forests on random sparse labels; return their predictions.
@@ -283,6 +292,14 @@ def make_forest_predictions(
         different feature sets; their forests err in different ways.
     ndim : {2, 3}
         Train forests on 2D slices (for a 2D enhancer) or on 3D cubes (3D enhancer).
+    avoid : sequence of ndarray, optional
+        One binary mask per image (same shape): structures that users rarely paint as
+        background although they are, e.g. membranes for a mitochondria enhancer.  In
+        ``avoid_share`` of the forests the background labels stay off them, so those
+        forests mistake such structures for foreground, as a user's forest does, and
+        the network learns to remove them.
+    avoid_share : float
+        Share of the forests whose background labels avoid ``avoid``.
     log : callable, optional
         Receives progress lines.
 
@@ -303,6 +320,13 @@ def make_forest_predictions(
     for s, g in zip(stacks, gts):
         if s.shape != g.shape:
             raise ValueError(f"image and mask shapes differ: {s.shape} vs {g.shape}")
+    avoids = None
+    if avoid is not None:
+        avoids = [as_data(a) for a in avoid]
+        if len(avoids) != len(stacks) or any(a.shape != s.shape for a, s in zip(avoids, stacks)):
+            raise ValueError("need one avoid mask per image, of the image's shape")
+        if not 0.0 <= avoid_share <= 1.0:
+            raise ValueError(f"avoid_share must be in [0, 1], got {avoid_share}")
     crop = 2 * patch if crop is None else int(crop)
     scales = [int(f) for f in scales]
     if not scales or min(scales) < 1:
@@ -317,8 +341,10 @@ def make_forest_predictions(
             if ndim == 2:  # one slice of the stack (the random draws are those of the 2D-only version)
                 z = int(rng.integers(stacks[i].shape[0]))
                 image, truth = stacks[i][z], gts[i][z]
+                shun = None if avoids is None else avoids[i][z]
             else:
                 image, truth = stacks[i], gts[i]
+                shun = None if avoids is None else avoids[i]
             sides = [n // f for n in image.shape]
             if min(sides) < 1:
                 kind = "slices" if ndim == 2 else "volumes"
@@ -336,7 +362,10 @@ def make_forest_predictions(
         else:
             raise ValueError("could not find a patch with both classes; check the masks")
         raw = image[region] if f == 1 else _bin(image[region], f)
-        labels = _sparse_labels(target, window, rng)
+        away = None
+        if shun is not None and rng.random() < avoid_share:  # no draw without ``avoid``: same forests as before
+            away = _bin(shun[region] > 0, f) > 0  # any pixel of a binned block: thin membranes stay
+        labels = _sparse_labels(target, window, rng, away)
         chosen = _random_feature_subset(features, rng) if vary_features else list(features)
         feats = features_cpu.compute_features(raw[..., np.newaxis], chosen)
         prob = forest_probability(raw, labels, n_trees=n_trees, seed=int(rng.integers(2**31)), feature_image=feats)
@@ -620,7 +649,7 @@ def train_unet(
 
     def save(step: int) -> None:
         if checkpoint is not None:
-            torch.save({"state_dict": model.state_dict(), "iteration": step, "losses": losses}, str(checkpoint))
+            save_checkpoint(model, checkpoint, step, losses)
 
     try:
         for step in range(1, int(iterations) + 1):
@@ -648,6 +677,22 @@ def train_unet(
     return losses
 
 
+def save_checkpoint(model: Any, path: str | Path, iteration: int, losses: Sequence[float]) -> None:
+    """Write a training checkpoint (``--init`` reads it) atomically: a temp file, then a rename.
+
+    An interrupted write leaves the previous checkpoint whole.
+    """
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save({"state_dict": model.state_dict(), "iteration": iteration, "losses": list(losses)}, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- export
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -662,6 +707,26 @@ def _cover(path: Path, test_input: np.ndarray, test_output: np.ndarray) -> None:
     b = (np.clip(test_output, 0, 1) * 255).astype(np.uint8)
     row = np.concatenate([a, np.full((a.shape[0], 8), 255, np.uint8), b], axis=1)
     Image.fromarray(row).convert("RGB").save(path, format="PNG")
+
+
+_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+- ()")
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a model name that bioimage.io would reject, before any training time is spent.
+
+    Raises
+    ------
+    SettingsError
+        Unless ``name`` has 5-128 characters, all letters, digits, spaces or ``_+-()``.
+    """
+    bad = sorted(set(name) - _NAME_CHARACTERS)
+    if not 5 <= len(name) <= 128 or bad:
+        why = f"has the characters {''.join(bad)!r}" if bad else f"has {len(name)} characters"
+        raise SettingsError(
+            f"model name {name!r} {why}; bioimage.io needs 5-128 characters, only letters, digits, "
+            "spaces and _+-(): give another --name"
+        )
 
 
 def export_enhancer(
@@ -722,6 +787,7 @@ def export_enhancer(
     from bioimageio.spec import save_bioimageio_package_as_folder
     from bioimageio.spec.model import v0_5
 
+    check_model_name(name)
     path = Path(path)
     test_input = np.asarray(test_input, np.float32)
     if test_input.ndim not in (2, 3):
@@ -943,6 +1009,8 @@ def train_enhancer(
     calibration: float = 0.0,
     vary_features: bool = False,
     ndim: int = 2,
+    avoid: Sequence[np.ndarray] | None = None,
+    avoid_share: float = 0.5,
     init: str | Path | None = None,
     time_limit_s: float | None = None,
     checkpoint: str | Path | None = None,
@@ -986,6 +1054,9 @@ def train_enhancer(
         Strength of the probability remap augmentation (see :func:`train_unet`; 0 = off).
     vary_features : bool
         Each forest uses a random subset of the features (see :func:`make_forest_predictions`).
+    avoid, avoid_share
+        Masks of structures the background labels of ``avoid_share`` of the forests stay
+        off (see :func:`make_forest_predictions`).
     ndim : {2, 3}
         A 2D enhancer (forests on slices, 2D U-Net) or a 3D one (forests on cubes of
         the volumes with 3D features, 3D U-Net, a ``z, y, x`` package).
@@ -1024,6 +1095,7 @@ def train_enhancer(
             f"--train-patch {train_patch} is larger than the forest crop {crop}; "
             "give a smaller --train-patch or a larger --crop"
         )
+    check_model_name(name)  # export would refuse it only after the whole training
     prev_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -1040,6 +1112,8 @@ def train_enhancer(
             scales=scales,
             vary_features=vary_features,
             ndim=ndim,
+            avoid=avoid,
+            avoid_share=avoid_share,
             log=log,
         )
         t_forest = time.perf_counter() - t0
@@ -1099,17 +1173,24 @@ def train_enhancer(
             "train_seconds": round(t_train, 1),
             **(training_info or {}),
         }
-        pkg = export_enhancer(
-            model,
-            out,
-            name=name,
-            description=description,
-            halo=halo,
-            min_size=min_size,
-            step=step,
-            test_input=test_input,
-            training=info,
-        )
+        try:
+            pkg = export_enhancer(
+                model,
+                out,
+                name=name,
+                description=description,
+                halo=halo,
+                min_size=min_size,
+                step=step,
+                test_input=test_input,
+                training=info,
+            )
+        except Exception as exc:  # the trained network is the expensive part: never lose it
+            kept = Path(checkpoint) if checkpoint is not None else Path(f"{out}.unexported.ckpt")
+            if checkpoint is None:
+                save_checkpoint(model, kept, len(losses), losses)
+            exc.add_note(f"the trained weights are kept in {kept}; start from them with --init {kept}")
+            raise
     finally:
         torch.set_num_threads(prev_threads)
     status = check_package(pkg) if run_test else None
@@ -1203,10 +1284,31 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
             raise SettingsError(f"{im_spec} has shape {raw.shape}; a 3D enhancer (--ndim 3) needs (z, y, x) volumes")
         raws.append(raw)
         gts.append(gt)
-    name = args.name or f"shallow2deep enhancer {Path(args.out).name}"
+    avoid_specs = list(args.avoid or [])
+    if not 0.0 <= args.avoid_share <= 1.0:
+        raise SettingsError(f"--avoid-share {args.avoid_share}: give a share of the forests between 0 and 1")
+    if avoid_specs and len(avoid_specs) != len(specs):
+        raise SettingsError(
+            f"{len(avoid_specs)} --avoid mask(s) for {len(specs)} data pair(s); give one --avoid per pair "
+            "(the first pair, then each --add-data, in order)"
+        )
+    avoids = []
+    for spec, raw in zip(avoid_specs, raws):
+        mask = read_stack(spec, args.slices)
+        if mask.shape != raw.shape:
+            raise SettingsError(
+                f"--avoid {spec} has shape {mask.shape} but its image has {raw.shape}; give a mask of the image's shape"
+            )
+        avoids.append(mask)
+    # the default name from the folder name, with what bioimage.io refuses in a name replaced
+    folder = "".join(c if c in _NAME_CHARACTERS else "_" for c in Path(args.out).name)
+    name = args.name or f"shallow2deep enhancer {folder}"[:128]
     images, truths = [a for a, _ in specs], [b for _, b in specs]
     one = len(specs) == 1  # a single pair is recorded as plain strings, as before
     data = {"images": images[0] if one else images, "ground_truth": truths[0] if one else truths, "slices": args.slices}
+    if avoid_specs:
+        data["avoid"] = avoid_specs[0] if one else avoid_specs
+        data["avoid_share"] = float(args.avoid_share)
     res = train_enhancer(
         raws,
         gts,
@@ -1223,6 +1325,8 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         vary_features=args.vary_features,
         ndim=ndim,
+        avoid=avoids or None,
+        avoid_share=args.avoid_share,
         label_patch=args.label_patch,
         crop=args.crop,
         train_patch=args.train_patch,
@@ -1300,6 +1404,20 @@ def add_train_enhancer_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--vary-features",
         action="store_true",
         help="each forest uses a random subset of the feature types and scales (forests that err differently)",
+    )
+    p.add_argument(
+        "--avoid",
+        action="append",
+        metavar="MASK",
+        help="binary mask (PATH:DATASET, the image's shape) of structures users rarely paint as background "
+        "although they are, e.g. membranes for a mitochondria enhancer: in --avoid-share of the forests the "
+        "background labels stay off them; one per data pair (the first, then each --add-data)",
+    )
+    p.add_argument(
+        "--avoid-share",
+        type=float,
+        default=0.5,
+        help="share of the forests whose background labels avoid --avoid (default 0.5)",
     )
     p.add_argument(
         "--init",
