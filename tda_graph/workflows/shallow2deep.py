@@ -142,8 +142,8 @@ def _sparse_labels(
     labels = np.zeros(target.shape, np.uint8)
     sub = target[window].astype(bool)
     background = ~sub
-    if avoid is not None and (~sub & ~avoid[window]).any():
-        background = ~sub & ~avoid[window]
+    if avoid is not None and (kept := background & ~avoid[window]).any():
+        background = kept
     n = int(rng.integers(20, 301))
     if rng.random() < 0.5:
         for value, mask in ((1, background), (2, sub)):
@@ -1271,8 +1271,16 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
                 f"--slices {args.slices}: a 3D enhancer trains on a volume, so give one contiguous z range (e.g. 0-159)"
             )
     specs = [(args.images, args.ground_truth)] + [tuple(p) for p in (args.add_data or [])]
-    raws, gts = [], []
-    for im_spec, gt_spec in specs:
+    avoid_specs = list(args.avoid or [])
+    if not 0.0 <= args.avoid_share <= 1.0:
+        raise SettingsError(f"--avoid-share {args.avoid_share}: give a share of the forests between 0 and 1")
+    if avoid_specs and len(avoid_specs) != len(specs):
+        raise SettingsError(
+            f"{len(avoid_specs)} --avoid mask(s) for {len(specs)} data pair(s); give one --avoid per pair "
+            "(the first pair, then each --add-data, in order)"
+        )
+    raws, gts, avoids = [], [], []
+    for k, (im_spec, gt_spec) in enumerate(specs):
         raw = read_stack(im_spec, args.slices)
         gt = read_stack(gt_spec, args.slices)
         if raw.shape != gt.shape:
@@ -1284,22 +1292,14 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
             raise SettingsError(f"{im_spec} has shape {raw.shape}; a 3D enhancer (--ndim 3) needs (z, y, x) volumes")
         raws.append(raw)
         gts.append(gt)
-    avoid_specs = list(args.avoid or [])
-    if not 0.0 <= args.avoid_share <= 1.0:
-        raise SettingsError(f"--avoid-share {args.avoid_share}: give a share of the forests between 0 and 1")
-    if avoid_specs and len(avoid_specs) != len(specs):
-        raise SettingsError(
-            f"{len(avoid_specs)} --avoid mask(s) for {len(specs)} data pair(s); give one --avoid per pair "
-            "(the first pair, then each --add-data, in order)"
-        )
-    avoids = []
-    for spec, raw in zip(avoid_specs, raws):
-        mask = read_stack(spec, args.slices)
-        if mask.shape != raw.shape:
-            raise SettingsError(
-                f"--avoid {spec} has shape {mask.shape} but its image has {raw.shape}; give a mask of the image's shape"
-            )
-        avoids.append(mask)
+        if avoid_specs:
+            mask = read_stack(avoid_specs[k], args.slices)
+            if mask.shape != raw.shape:
+                raise SettingsError(
+                    f"--avoid {avoid_specs[k]} has shape {mask.shape} but its image has {raw.shape}; "
+                    "give a mask of the image's shape"
+                )
+            avoids.append(mask)
     # the default name from the folder name, with what bioimage.io refuses in a name replaced
     folder = "".join(c if c in _NAME_CHARACTERS else "_" for c in Path(args.out).name)
     name = args.name or f"shallow2deep enhancer {folder}"[:128]
