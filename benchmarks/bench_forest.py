@@ -24,10 +24,11 @@ from scipy.spatial import cKDTree
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from operators.kernels.forest_cpu import (  # noqa: E402
-    DEFAULT_BLOCK,
+    auto_block,
     forest_arrays_from_sklearn,
     predict_proba,
     simd_available,
+    simd_name,
 )
 
 SCALES = (0.7, 1.0, 1.6, 3.5, 5.0, 10.0)
@@ -92,7 +93,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="256x256 image, 20 trees")
     ap.add_argument("--depth", type=int, default=None, help="max_depth (default unlimited)")
     ap.add_argument("--trees", type=int, default=None, help="n_estimators (default 100)")
-    ap.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="kernel block size")
+    ap.add_argument("--block", type=int, default=None, help="kernel block size (default: auto_block)")
     ap.add_argument(
         "--label-noise", type=float, default=0.0, help="fraction of training labels replaced at random (deeper trees)"
     )
@@ -148,15 +149,16 @@ def main() -> None:
     out = np.empty((X.shape[0], arrays.n_classes), np.float32)
     t_nb, p_nb = best(lambda: predict_proba(arrays, X, out=out, block=args.block))
     n = X.shape[0]
-    kernel = "AVX2" if simd_available() else "scalar"
+    kernel = f"SIMD {simd_name()}" if simd_available() else "scalar"
     print(f"sklearn predict_proba (n_jobs=2): {t_sk:.3f} s  {n / t_sk / 1e6:.2f} M samples/s")
-    print(f"numba predict_proba ({kernel} kernel, block={args.block}): {t_nb:.3f} s  {n / t_nb / 1e6:.2f} M samples/s")
+    block = args.block or auto_block(n)
+    print(f"numba predict_proba ({kernel} kernel, block={block}): {t_nb:.3f} s  {n / t_nb / 1e6:.2f} M samples/s")
     print(f"speed-up: {t_sk / t_nb:.2f}x")
     if simd_available():
         predict_proba(arrays, X[:100], block=args.block, simd=False)
         t_sc, p_sc = best(lambda: predict_proba(arrays, X, block=args.block, simd=False))
         same = "bit-identical" if np.array_equal(p_sc, p_nb) else "DIFFERENT"
-        print(f"scalar kernel: {t_sc:.3f} s, speed-up {t_sk / t_sc:.2f}x ({same} to the AVX2 kernel)")
+        print(f"scalar kernel: {t_sc:.3f} s, speed-up {t_sk / t_sc:.2f}x ({same} to the SIMD kernel)")
     print(f"max |diff|: {np.abs(p_nb.astype(np.float64) - p_sk).max():.3g}")
 
 

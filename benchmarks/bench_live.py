@@ -111,7 +111,7 @@ def live(
 
 
 def _race(clf, X: np.ndarray, repeat: int = 5) -> dict:
-    """Median seconds of our kernel (AVX2 where available, and the scalar one) and of
+    """Median seconds of our kernel (SIMD where available, and the scalar one) and of
     sklearn's ``predict_proba`` (n_jobs=-1) on ``X``, alternating."""
     arrays = forest_cpu.forest_arrays_from_sklearn(clf)
     X = np.ascontiguousarray(X, dtype=np.float32)
@@ -137,7 +137,7 @@ def _race(clf, X: np.ndarray, repeat: int = 5) -> dict:
         "ours_s": t_ours,
         "sklearn_s": t_sk,
         "ratio": t_sk / t_ours,
-        "kernel": "AVX2" if simd else "scalar",
+        "kernel": f"SIMD {forest_cpu.simd_name()}" if simd else "scalar",
         "scalar_s": t_scalar,
         "max_diff": float(np.abs(ours - ref).max()),
         "n": X.shape[0],

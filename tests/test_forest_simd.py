@@ -1,6 +1,12 @@
-"""The AVX2 forest kernel and the vote counting give exactly the scalar kernel's results."""
+"""The SIMD forest kernel (AVX2 / AVX-512) and the vote counting give exactly the scalar kernel's results."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,8 +49,9 @@ FORESTS = [
 
 @needs_avx2
 @pytest.mark.parametrize(("seed", "n_classes", "trees", "depth", "cls"), FORESTS)
-@pytest.mark.parametrize("block", [1, 15, 16, 17, 23, 40, 4096])
-def test_avx2_kernel_is_bit_identical_to_the_scalar_kernel(seed, n_classes, trees, depth, cls, block):
+# 16-31 samples take eight-lane steps only, 32 and more sixteen-lane steps too
+@pytest.mark.parametrize("block", [1, 15, 16, 17, 23, 31, 32, 33, 47, 64, 4096])
+def test_simd_kernel_is_bit_identical_to_the_scalar_kernel(seed, n_classes, trees, depth, cls, block):
     X, y = make_data(seed, n_classes, 700)
     clf = cls(n_estimators=trees, max_depth=depth, random_state=seed).fit(X, y)
     arrays = forest_arrays_from_sklearn(clf)
@@ -58,7 +65,7 @@ def test_avx2_kernel_is_bit_identical_to_the_scalar_kernel(seed, n_classes, tree
 
 
 @needs_avx2
-def test_avx2_kernel_with_nan_blocks_single_leaf_trees_and_one_class():
+def test_simd_kernel_with_nan_blocks_single_leaf_trees_and_one_class():
     X, y = make_data(5, 3, 300)
     # Bootstraps of 3 samples: some trees see one class and are a single leaf.
     clf = RandomForestClassifier(60, max_samples=3, random_state=0).fit(X, y)
@@ -166,3 +173,141 @@ def test_left_pack_table_rows_are_permutations_that_keep_lane_order():
         assert list(table[m, : len(left)]) == left
         # stored at the top end of the list, which grows downwards: first right-goer last
         assert list(table[m, 16 - len(right) :][::-1]) == right
+
+
+def _reference_partition(idx: np.ndarray, x: np.ndarray, th: np.float32) -> tuple[list, list]:
+    go = x[idx] <= th
+    return list(idx[go]), list(idx[~go])
+
+
+@needs_avx2
+@pytest.mark.parametrize("seed", range(6))
+def test_partition_steps_append_left_goers_upwards_and_right_goers_downwards(seed):
+    from numba import njit, uint64
+
+    @njit
+    def run(buf, n, xb, th, lut, wide):
+        # partition buf[0:n] into buf[n:2n] with 16-, then 8-lane steps, then scalar
+        lo = uint64(n)
+        hi = uint64(2 * n - 1)
+        i = uint64(0)
+        while wide and i + uint64(32) <= uint64(n):
+            k = simd_x86.partition16(buf, i, xb, uint64(0), th, lo, hi, lut)
+            lo += k
+            hi -= uint64(16) - k
+            i += uint64(16)
+        while i + uint64(16) <= uint64(n):
+            k = simd_x86.partition8(buf, i, xb, uint64(0), th, lo, hi, lut)
+            lo += k
+            hi -= uint64(8) - k
+            i += uint64(8)
+        while i < uint64(n):
+            if xb[buf[i]] <= th:
+                buf[lo] = buf[i]
+                lo += uint64(1)
+            else:
+                buf[hi] = buf[i]
+                hi -= uint64(1)
+            i += uint64(1)
+        return lo - uint64(n)
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(32, 300))
+    xb = np.round(rng.normal(size=500) * 4).astype(np.float32) / 4  # ties with the threshold
+    idx = rng.choice(500, n, replace=False).astype(np.uint32)
+    th = np.float32(rng.choice(xb))
+    want_left, want_right = _reference_partition(idx, xb, th)
+    lut = simd_x86.left_pack_table()
+    for wide in (True, False):
+        buf = np.concatenate([idx, np.full(n, 7777, np.uint32)])
+        n_left = run(buf, n, xb, th, lut, wide)
+        assert n_left == len(want_left)
+        assert list(buf[n : n + n_left]) == want_left  # in input order
+        assert list(buf[n + n_left :][::-1]) == want_right  # first right-goer at the top
+        assert list(buf[:n]) == list(idx)  # the input list is not written
+
+
+def test_auto_block_keeps_every_thread_busy(monkeypatch):
+    import numba
+
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    assert forest_cpu.auto_block(262_144) == forest_cpu.DEFAULT_BLOCK  # a 512x512 viewport: 16 blocks
+    assert forest_cpu.auto_block(20_000) == 5000  # two blocks per thread
+    assert forest_cpu.auto_block(3) == 1
+    assert forest_cpu.auto_block(0) == 1
+
+
+def test_simd_name_says_what_the_kernel_uses(monkeypatch):
+    expected = "none"
+    if simd_available():
+        expected = "AVX-512" if simd_x86.avx512_available() else "AVX2"
+    assert forest_cpu.simd_name() == expected
+    monkeypatch.setattr(forest_cpu, "simd_available", lambda: False)
+    assert forest_cpu.simd_name() == "none"
+
+
+def test_avx512_follows_the_cpu_features_numba_compiles_for(monkeypatch):
+    import numba
+
+    simd_x86.avx512_available.cache_clear()
+    try:
+        monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma,-avx512f")
+        assert simd_x86.avx512_available() is False
+        simd_x86.avx512_available.cache_clear()
+        monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f,+avx512vl")
+        assert simd_x86.avx512_available() is simd_available()
+    finally:
+        simd_x86.avx512_available.cache_clear()
+
+
+@pytest.mark.skipif(not simd_x86.avx512_available(), reason="needs a CPU with AVX-512 (the other build runs here)")
+def test_the_build_without_avx512_is_bit_identical_too(tmp_path):
+    # On this AVX-512 machine the kernel compiles to sixteen-lane steps; compile it once
+    # more for the same CPU without AVX-512 (two AVX2 steps instead), in a fresh process
+    # with its own numba cache, and compare with the scalar kernel and sklearn there.
+    from llvmlite import binding
+
+    features = binding.get_host_cpu_features()
+    for name in list(features):
+        if name.startswith("avx512"):
+            features[name] = False
+    script = textwrap.dedent(
+        """
+        import numpy as np
+        from sklearn.ensemble import RandomForestClassifier
+        from operators.kernels import forest_cpu, simd_x86
+        assert simd_x86.avx2_available() and not simd_x86.avx512_available()
+        rng = np.random.default_rng(0)
+        X = rng.normal(size=(800, 6)).astype(np.float32)
+        y = (X[:, 0] + X[:, 1] ** 2 > 0.5).astype(int) + 2 * (X[:, 2] > 1)
+        clf = RandomForestClassifier(20, random_state=0).fit(X, y)
+        arrays = forest_cpu.forest_arrays_from_sklearn(clf)
+        Xt = rng.normal(size=(3001, 6)).astype(np.float32)
+        for block in (33, 64, 3001):
+            simd = forest_cpu.predict_proba(arrays, Xt, block=block, simd=True)
+            assert np.array_equal(simd, forest_cpu.predict_proba(arrays, Xt, block=block, simd=False))
+            assert np.abs(simd - clf.predict_proba(Xt)).max() < 1e-6
+        print("AVX2 build ok")
+        """
+    )
+    env = dict(os.environ, NUMBA_CPU_FEATURES=features.flatten(), NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "AVX2 build ok" in res.stdout
+
+
+def test_the_simd_module_records_the_helpers_its_cached_kernel_inlines():
+    # numba rebuilds a cached kernel only when the text of its own file changes
+    import hashlib
+    import re
+
+    kernels = Path(forest_cpu.__file__).parent
+    digest = hashlib.sha256()
+    for name in ("forest_cpu.py", "simd_x86.py"):
+        digest.update((kernels / name).read_bytes().replace(b"\r\n", b"\n"))  # as git checks it out anywhere
+    recorded = re.search(r'^HELPERS_SHA256 = "(.*)"$', (kernels / "forest_simd.py").read_text(), re.M)
+    assert recorded is not None
+    assert recorded.group(1) == digest.hexdigest(), (
+        f'forest_cpu.py or simd_x86.py changed: set HELPERS_SHA256 = "{digest.hexdigest()}" in forest_simd.py'
+    )

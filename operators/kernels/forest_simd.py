@@ -1,13 +1,17 @@
-"""The AVX2 variant of :mod:`operators.kernels.forest_cpu`'s partition walk.
+"""The SIMD variant of :mod:`operators.kernels.forest_cpu`'s partition walk.
 
+Sixteen samples per partition step (one AVX-512 step, or two AVX2 steps on CPUs without
+AVX-512: :func:`operators.kernels.simd_x86.partition16`), then eight, then one.
 Imported by :func:`operators.kernels.forest_cpu.predict_proba` only where
 :func:`operators.kernels.simd_x86.avx2_available` is true: compiling these kernels for a
 CPU without AVX2 fails.  Same comparisons and the same summation order as the scalar
 kernel, so the results are bit-identical to it (``tests/test_forest_simd.py``).
 
-numba's on-disk cache keys on this file alone: after editing the helpers imported from
-``forest_cpu`` or the intrinsics of ``simd_x86`` in a checkout, touch this file (or clear
-``__pycache__``) so the cached kernel is rebuilt with them.
+numba's on-disk cache keys on the text of this file alone (numba 0.68 hashes it), not on
+the helpers the kernel inlines from ``forest_cpu.py`` and ``simd_x86.py``.
+:data:`HELPERS_SHA256` records their hash: when either changes, ``tests/test_forest_simd.py``
+fails until the line is updated, and the changed line makes numba rebuild the cached kernel,
+in a checkout and after an upgrade alike.
 """
 
 from __future__ import annotations
@@ -27,16 +31,19 @@ from .forest_cpu import (
     _walk_branchy,
     _write_block,
 )
-from .simd_x86 import left_pack_table, partition8, partition8_iota
+from .simd_x86 import left_pack_table, partition8, partition8_iota, partition16, partition16_iota
 
-__all__ = ["predict_kernel_avx2", "LEFT_PACK"]
+__all__ = ["predict_kernel_simd", "LEFT_PACK"]
 
 #: The permutation table the kernel's partition steps read (simd_x86.left_pack_table).
 LEFT_PACK = left_pack_table()
 
+#: sha256 of forest_cpu.py followed by simd_x86.py (see the module docstring).
+HELPERS_SHA256 = "be30e57a584ee929acf949f1c0e1309742b71323350ea2833da56b6c431ab04b"
+
 
 @njit(nogil=True, cache=True)
-def _walk_partition_avx2(
+def _walk_partition_simd(
     Xb: Any,
     nb: int,
     feature: Any,
@@ -56,12 +63,13 @@ def _walk_partition_avx2(
     st_e: Any,
     lut: Any,
 ) -> None:  # pragma: no cover - compiled
-    # :func:`_walk_partition` with eight indices per step (simd_x86.partition8) while
-    # at least 16 free slots remain between the two ends of the output list, then
-    # the scalar loop.  The root's list is 0..nb-1, so it is never written out and
-    # its feature values are read with one contiguous load per eight samples.
+    # :func:`_walk_partition` with sixteen indices per step (simd_x86.partition16) while
+    # at least 32 free slots remain between the two ends of the output list, eight
+    # (partition8) while 16 remain, then the scalar loop.  The root's list is 0..nb-1,
+    # so it is never written out and its feature values are contiguous loads.
     unb = uint64(nb)
     step = uint64(8)
+    step16 = uint64(16)
     for t in range(roots.shape[0]):
         if vote:
             _tree_votes_start(tally, leaf_value.shape[1])
@@ -76,6 +84,11 @@ def _walk_partition_avx2(
         lo = unb
         hi = unb + unb - uint64(1)
         i = uint64(0)
+        while i + uint64(32) <= unb:
+            n_left = partition16_iota(buf, i, Xb, fo, th, lo, hi, lut)
+            lo += n_left
+            hi -= step16 - n_left
+            i += step16
         while i + uint64(16) <= unb:
             n_left = partition8_iota(buf, i, Xb, fo, th, lo, hi, lut)
             lo += n_left
@@ -107,6 +120,11 @@ def _walk_partition_avx2(
             hi = do + uint64(e - 1)
             i = so + uint64(s)
             end = so + uint64(e)
+            while i + uint64(32) <= end:
+                n_left = partition16(buf, i, Xb, fo, th, lo, hi, lut)
+                lo += n_left
+                hi -= step16 - n_left
+                i += step16
             while i + uint64(16) <= end:
                 n_left = partition8(buf, i, Xb, fo, th, lo, hi, lut)
                 lo += n_left
@@ -120,7 +138,7 @@ def _walk_partition_avx2(
 # as an argument instead makes numba compile the kernel anew in every process (no cache
 # for functions taking functions), and the scalar build must not contain this walk.
 @njit(parallel=True, nogil=True, cache=True)
-def predict_kernel_avx2(
+def predict_kernel_simd(
     X: np.ndarray,
     feature: np.ndarray,
     thr: np.ndarray,
@@ -149,7 +167,7 @@ def predict_kernel_avx2(
             _walk_branchy(X, start, stop, feature, thr, left, right, mgl, roots, leaf_value, acc)
             _write_block(out, start, acc, votes, tally, False, roots.shape[0])
             continue
-        _walk_partition_avx2(
+        _walk_partition_simd(
             Xb, nb, feature, thr, left, right, roots, leaf_value, leaf_class, vote, acc.reshape(-1), votes, tally,
             buf, st_node, st_s, st_e, lut,
         )  # fmt: skip
