@@ -39,7 +39,7 @@ __all__ = ["predict_kernel_simd", "LEFT_PACK"]
 LEFT_PACK = left_pack_table()
 
 #: sha256 of forest_cpu.py followed by simd_x86.py (see the module docstring).
-HELPERS_SHA256 = "be30e57a584ee929acf949f1c0e1309742b71323350ea2833da56b6c431ab04b"
+HELPERS_SHA256 = "124e489ac17884b70cba312c5a2e530e85b089b1de264e7474ca1105d2966816"
 
 
 @njit(nogil=True, cache=True)

@@ -149,81 +149,6 @@ def _pack_and_store(
     return n_left
 
 
-def _check_args(buf: Any, xb: Any, lut: Any) -> None:
-    ok = (
-        isinstance(buf, types.Array)
-        and buf.dtype == types.uint32
-        and buf.layout == "C"
-        and isinstance(xb, types.Array)
-        and xb.dtype == types.float32
-        and xb.layout == "C"
-        and isinstance(lut, types.Array)
-        and lut.dtype == types.int32
-        and lut.layout == "C"
-    )
-    if not ok:
-        raise TypeError("partition8 needs C-contiguous uint32 buf, float32 xb and int32 lut arrays")
-
-
-def _gather_lanes(builder: ir.IRBuilder, bufp: Any, xbp: Any, i: Any, fo: Any) -> tuple[ir.Value, ir.Value]:
-    # indices buf[i:i+8] (one vector load) and their values xb[fo + j]: eight scalar
-    # loads, which beat vpgatherdd on Zen 3 (measured in a C prototype and in numba)
-    src = builder.gep(bufp, [i])
-    idx = builder.load(builder.bitcast(src, _V8I.as_pointer()), align=4)
-    xs = ir.Constant(_V8F, None)
-    for k in range(8):
-        j = builder.load(builder.gep(src, [ir.Constant(_I64, k)]))
-        x = builder.load(builder.gep(xbp, [builder.add(fo, builder.zext(j, _I64))]))
-        xs = builder.insert_element(xs, x, ir.Constant(_I32, k))
-    return idx, xs
-
-
-def _iota_lanes(builder: ir.IRBuilder, bufp: Any, xbp: Any, i: Any, fo: Any) -> tuple[ir.Value, ir.Value]:
-    # indices i..i+7 (not read from buf) and their values, one contiguous load
-    idx = builder.add(_splat(builder, builder.trunc(i, _I32), _V8I), ir.Constant(_V8I, list(range(8))))
-    xs = builder.load(builder.bitcast(builder.gep(xbp, [builder.add(fo, i)]), _V8F.as_pointer()), align=4)
-    return idx, xs
-
-
-def _partition_intrinsic(buf: Any, xb: Any, lut: Any, lanes: Any) -> Any:
-    _check_args(buf, xb, lut)
-    sig = types.uint64(buf, types.uint64, xb, types.uint64, types.float32, types.uint64, types.uint64, lut)
-
-    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> ir.Value:
-        buf_v, i_v, xb_v, fo_v, th_v, lo_v, hi_v, lut_v = args
-        bufp = context.make_array(signature.args[0])(context, builder, buf_v).data
-        xbp = context.make_array(signature.args[2])(context, builder, xb_v).data
-        lutp = context.make_array(signature.args[7])(context, builder, lut_v).data
-        idx, xs = lanes(builder, bufp, xbp, i_v, fo_v)
-        return _pack_and_store(builder, idx, xs, th_v, bufp, lutp, lo_v, hi_v)
-
-    return sig, codegen
-
-
-@intrinsic
-def partition8(typingctx: Any, buf: Any, i: Any, xb: Any, fo: Any, th: Any, lo: Any, hi: Any, lut: Any) -> Any:
-    """Partition the eight indices ``buf[i:i+8]`` by ``xb[fo + j] <= th``.
-
-    Left-goers are written to ``buf[lo:lo+n]`` in order, right-goers to
-    ``buf[hi-(8-n)+1:hi+1]``; returns ``n`` (uint64).  Both stores are eight lanes
-    wide, so the caller must leave at least 16 free slots between ``lo`` and ``hi``
-    (the junk lanes then land in slots that later lanes overwrite), and the output
-    range must not overlap ``buf[i:i+8]``.
-    """
-    return _partition_intrinsic(buf, xb, lut, _gather_lanes)
-
-
-@intrinsic
-def partition8_iota(typingctx: Any, buf: Any, i: Any, xb: Any, fo: Any, th: Any, lo: Any, hi: Any, lut: Any) -> Any:
-    """:func:`partition8` for the indices ``i, i+1, ..., i+7`` (a tree's root).
-
-    The indices are not read from ``buf`` and their values ``xb[fo+i : fo+i+8]``
-    are one contiguous load.  Same contract on ``lo``/``hi`` as :func:`partition8`.
-    """
-    return _partition_intrinsic(buf, xb, lut, _iota_lanes)
-
-
-# ---------------------------------------------------------------- sixteen lanes
 def _compress(builder: ir.IRBuilder, v: ir.Value, mask: ir.Value) -> ir.Value:
     # vpcompressd into a register (the form that writes memory is microcoded on Zen 4)
     fn = cgutils.get_or_insert_function(
@@ -250,25 +175,48 @@ def _pack_and_store16(
     return n_left
 
 
-def _gather_lanes16(builder: ir.IRBuilder, bufp: Any, xbp: Any, i: Any, fo: Any) -> tuple[ir.Value, ir.Value]:
-    # sixteen scalar loads: vgatherdps made the Zen 4 viewport about 30 % slower (measured)
+def _check_args(buf: Any, xb: Any, lut: Any) -> None:
+    ok = (
+        isinstance(buf, types.Array)
+        and buf.dtype == types.uint32
+        and buf.layout == "C"
+        and isinstance(xb, types.Array)
+        and xb.dtype == types.float32
+        and xb.layout == "C"
+        and isinstance(lut, types.Array)
+        and lut.dtype == types.int32
+        and lut.layout == "C"
+    )
+    if not ok:
+        raise TypeError("the partition steps need C-contiguous uint32 buf, float32 xb and int32 lut arrays")
+
+
+def _gather_lanes(builder: ir.IRBuilder, bufp: Any, xbp: Any, i: Any, fo: Any, n: int) -> tuple[ir.Value, ir.Value]:
+    # indices buf[i:i+n] (one vector load) and their values xb[fo + j]: n scalar loads,
+    # which beat vpgatherdd on Zen 3 (C prototype and numba) and vgatherdps on Zen 4
+    # (the viewport about 30 % slower with it)
+    vi, vf = ir.VectorType(_I32, n), ir.VectorType(ir.FloatType(), n)
     src = builder.gep(bufp, [i])
-    idx = builder.load(builder.bitcast(src, _V16I.as_pointer()), align=4)
-    xs = ir.Constant(_V16F, None)
-    for k in range(16):
+    idx = builder.load(builder.bitcast(src, vi.as_pointer()), align=4)
+    xs = ir.Constant(vf, None)
+    for k in range(n):
         j = builder.load(builder.gep(src, [ir.Constant(_I64, k)]))
         x = builder.load(builder.gep(xbp, [builder.add(fo, builder.zext(j, _I64))]))
         xs = builder.insert_element(xs, x, ir.Constant(_I32, k))
     return idx, xs
 
 
-def _iota_lanes16(builder: ir.IRBuilder, bufp: Any, xbp: Any, i: Any, fo: Any) -> tuple[ir.Value, ir.Value]:
-    idx = builder.add(_splat(builder, builder.trunc(i, _I32), _V16I), ir.Constant(_V16I, list(range(16))))
-    xs = builder.load(builder.bitcast(builder.gep(xbp, [builder.add(fo, i)]), _V16F.as_pointer()), align=4)
+def _iota_lanes(builder: ir.IRBuilder, bufp: Any, xbp: Any, i: Any, fo: Any, n: int) -> tuple[ir.Value, ir.Value]:
+    # indices i..i+n-1 (not read from buf) and their values, one contiguous load
+    vi, vf = ir.VectorType(_I32, n), ir.VectorType(ir.FloatType(), n)
+    idx = builder.add(_splat(builder, builder.trunc(i, _I32), vi), ir.Constant(vi, list(range(n))))
+    xs = builder.load(builder.bitcast(builder.gep(xbp, [builder.add(fo, i)]), vf.as_pointer()), align=4)
     return idx, xs
 
 
-def _partition16_intrinsic(buf: Any, xb: Any, lut: Any, lanes16: Any, lanes8: Any) -> Any:
+def _partition_intrinsic(buf: Any, xb: Any, lut: Any, lanes: Any, width: int) -> Any:
+    # ``width`` 8: one AVX2 step.  16: one AVX-512 step where the target has it, else two
+    # AVX2 steps, the second appending after the first.
     _check_args(buf, xb, lut)
     sig = types.uint64(buf, types.uint64, xb, types.uint64, types.float32, types.uint64, types.uint64, lut)
 
@@ -276,20 +224,44 @@ def _partition16_intrinsic(buf: Any, xb: Any, lut: Any, lanes16: Any, lanes8: An
         buf_v, i_v, xb_v, fo_v, th_v, lo_v, hi_v, lut_v = args
         bufp = context.make_array(signature.args[0])(context, builder, buf_v).data
         xbp = context.make_array(signature.args[2])(context, builder, xb_v).data
-        if avx512_available():
-            idx, xs = lanes16(builder, bufp, xbp, i_v, fo_v)
+        if width == 16 and avx512_available():
+            idx, xs = lanes(builder, bufp, xbp, i_v, fo_v, 16)
             return _pack_and_store16(builder, idx, xs, th_v, bufp, lo_v, hi_v)
-        # no AVX-512: two eight-lane steps, the second appending after the first
         lutp = context.make_array(signature.args[7])(context, builder, lut_v).data
-        idx, xs = lanes8(builder, bufp, xbp, i_v, fo_v)
-        n1 = _pack_and_store(builder, idx, xs, th_v, bufp, lutp, lo_v, hi_v)
         eight = ir.Constant(_I64, 8)
-        idx, xs = lanes8(builder, bufp, xbp, builder.add(i_v, eight), fo_v)
-        lo2 = builder.add(lo_v, n1)
-        hi2 = builder.sub(hi_v, builder.sub(eight, n1))
-        return builder.add(n1, _pack_and_store(builder, idx, xs, th_v, bufp, lutp, lo2, hi2))
+        total = ir.Constant(_I64, 0)
+        for step in range(width // 8):
+            idx, xs = lanes(builder, bufp, xbp, builder.add(i_v, ir.Constant(_I64, 8 * step)), fo_v, 8)
+            n_left = _pack_and_store(builder, idx, xs, th_v, bufp, lutp, lo_v, hi_v)
+            total = builder.add(total, n_left)
+            lo_v = builder.add(lo_v, n_left)
+            hi_v = builder.sub(hi_v, builder.sub(eight, n_left))
+        return total
 
     return sig, codegen
+
+
+@intrinsic
+def partition8(typingctx: Any, buf: Any, i: Any, xb: Any, fo: Any, th: Any, lo: Any, hi: Any, lut: Any) -> Any:
+    """Partition the eight indices ``buf[i:i+8]`` by ``xb[fo + j] <= th``.
+
+    Left-goers are written to ``buf[lo:lo+n]`` in order, right-goers to
+    ``buf[hi-(8-n)+1:hi+1]``; returns ``n`` (uint64).  Both stores are eight lanes
+    wide, so the caller must leave at least 16 free slots between ``lo`` and ``hi``
+    (the junk lanes then land in slots that later lanes overwrite), and the output
+    range must not overlap ``buf[i:i+8]``.
+    """
+    return _partition_intrinsic(buf, xb, lut, _gather_lanes, 8)
+
+
+@intrinsic
+def partition8_iota(typingctx: Any, buf: Any, i: Any, xb: Any, fo: Any, th: Any, lo: Any, hi: Any, lut: Any) -> Any:
+    """:func:`partition8` for the indices ``i, i+1, ..., i+7`` (a tree's root).
+
+    The indices are not read from ``buf`` and their values ``xb[fo+i : fo+i+8]``
+    are one contiguous load.  Same contract on ``lo``/``hi`` as :func:`partition8`.
+    """
+    return _partition_intrinsic(buf, xb, lut, _iota_lanes, 8)
 
 
 @intrinsic
@@ -301,10 +273,10 @@ def partition16(typingctx: Any, buf: Any, i: Any, xb: Any, fo: Any, th: Any, lo:
     (0-16).  The stores are sixteen lanes wide: leave at least 32 free slots between
     ``lo`` and ``hi``.
     """
-    return _partition16_intrinsic(buf, xb, lut, _gather_lanes16, _gather_lanes)
+    return _partition_intrinsic(buf, xb, lut, _gather_lanes, 16)
 
 
 @intrinsic
 def partition16_iota(typingctx: Any, buf: Any, i: Any, xb: Any, fo: Any, th: Any, lo: Any, hi: Any, lut: Any) -> Any:
     """:func:`partition16` for the indices ``i, ..., i+15`` (a tree's root); see :func:`partition8_iota`."""
-    return _partition16_intrinsic(buf, xb, lut, _iota_lanes16, _iota_lanes)
+    return _partition_intrinsic(buf, xb, lut, _iota_lanes, 16)
