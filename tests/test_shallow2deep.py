@@ -86,6 +86,12 @@ def test_background_labels_avoid_the_given_structures(seed: int) -> None:
     everything = np.ones_like(target)
     labels = s2d._sparse_labels(target, window, np.random.default_rng(seed), everything)
     assert (labels == 1).sum() >= 20
+    # inside: the background labels lie on the structures only (a user painting membranes as background)
+    labels = s2d._sparse_labels(target, window, np.random.default_rng(seed), avoid, inside=True)
+    assert (labels == 1).sum() >= 1 and (labels[~avoid] != 1).all()
+    assert (labels[target] != 1).all() and (labels == 2).sum() >= 1
+    labels = s2d._sparse_labels(target, window, np.random.default_rng(seed), np.zeros_like(target), inside=True)
+    assert (labels == 1).sum() >= 20  # no such structure in the window: all of the background
 
 
 def test_forest_pairs_with_avoided_background_are_seeded_and_change_the_forests() -> None:
@@ -104,10 +110,26 @@ def test_forest_pairs_with_avoided_background_are_seeded_and_change_the_forests(
         return float(np.mean([p.probability[m].mean() for p, m in zip(pairs, crops)]))
 
     assert on_membranes(a) > on_membranes(plain) + 0.1
+    # avoid_inside 0 draws nothing more: the same forests as without the option
+    kw_avoid = dict(avoid=avoid, avoid_share=1.0, **kw)
+    zero = s2d.make_forest_predictions([im.raw], [im.mitochondria], 3, avoid_inside=0.0, **kw_avoid)
+    for x, y in zip(a, zero):
+        np.testing.assert_array_equal(x.probability, y.probability)
+    # background painted on membranes only: the forests take the cytoplasm for foreground
+    inside = s2d.make_forest_predictions([im.raw], [im.mitochondria], 3, avoid_inside=1.0, **kw_avoid)
+
+    def on_cytoplasm(pairs: list[s2d.ForestPair]) -> float:
+        cyto = (im.membranes == 0) & (im.mitochondria == 0)
+        crops = [cyto[p.source[2] : p.source[2] + 64, p.source[3] : p.source[3] + 64] for p in pairs]
+        return float(np.mean([p.probability[m].mean() for p, m in zip(pairs, crops)]))
+
+    assert on_cytoplasm(inside) > on_cytoplasm(plain) + 0.1
     with pytest.raises(ValueError, match="one avoid mask per image"):
         s2d.make_forest_predictions([im.raw], [im.mitochondria], 1, avoid=[im.membranes[:10]], **kw)
     with pytest.raises(ValueError, match="avoid_share must be in"):
         s2d.make_forest_predictions([im.raw], [im.mitochondria], 1, avoid=avoid, avoid_share=1.5, **kw)
+    with pytest.raises(ValueError, match="avoid_inside must be in"):
+        s2d.make_forest_predictions([im.raw], [im.mitochondria], 1, avoid=avoid, avoid_inside=-0.1, **kw)
 
 
 def test_bin_means_blocks() -> None:
@@ -361,15 +383,18 @@ def test_train_enhancer_cli_end_to_end(tmp_path: Path) -> None:
         s2d.main(argv + ["--add-data", f"{h5}:raw2", f"{h5}:gt_bad"])
     # --avoid: one mask per pair, recorded in the package
     avoided = argv[:4] + [str(tmp_path / "avoided")] + argv[5:] + ["--add-data", f"{h5}:raw2", f"{h5}:gt2"]
-    assert s2d.main(avoided + ["--avoid", f"{h5}:mito", "--avoid", f"{h5}:mito2", "--avoid-share", "1"]) == 0
+    both = ["--avoid", f"{h5}:mito", "--avoid", f"{h5}:mito2"]
+    assert s2d.main(avoided + both + ["--avoid-share", "1", "--avoid-inside", "0.5"]) == 0
     facts = (tmp_path / "avoided" / "bioimageio.yaml").read_text()
-    assert "mito2" in facts and "avoid_share: 1.0" in facts
+    assert "mito2" in facts and "avoid_share: 1.0" in facts and "avoid_inside: 0.5" in facts
     with pytest.raises(SettingsError, match="1 --avoid mask.*for 2 data pair.*one --avoid per pair"):
         s2d.main(avoided + ["--avoid", f"{h5}:mito"])
     with pytest.raises(SettingsError, match=r"--avoid .*gt_bad has shape \(1, 90, 176\).*image's shape"):
         s2d.main(avoided + ["--avoid", f"{h5}:mito", "--avoid", f"{h5}:gt_bad"])
     with pytest.raises(SettingsError, match="--avoid-share 2.0: give a share"):
         s2d.main(avoided + ["--avoid-share", "2"])
+    with pytest.raises(SettingsError, match="--avoid-inside 2.0: give a share of the --avoid forests"):
+        s2d.main(avoided + ["--avoid-inside", "2"])
 
 
 @pytest.mark.parametrize(("name", "why"), [("cand", "has 4 characters"), ("mito/v2 model", "characters '/'")])

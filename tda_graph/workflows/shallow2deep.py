@@ -129,21 +129,29 @@ def _as_volume(volume: np.ndarray) -> np.ndarray:
 
 
 def _sparse_labels(
-    target: np.ndarray, window: tuple[slice, ...], rng: np.random.Generator, avoid: np.ndarray | None = None
+    target: np.ndarray,
+    window: tuple[slice, ...],
+    rng: np.random.Generator,
+    avoid: np.ndarray | None = None,
+    inside: bool = False,
 ) -> np.ndarray:
     """Random sparse labels (0 = unlabelled, 1 = background, 2 = foreground) inside ``window``.
 
     Half of the forests get balanced random points (20-300 per class), the other
     half simulated brush strokes, so the forests range from poor to good.
-    ``avoid`` (same shape as ``target``): background labels stay off these pixels.
+    ``avoid`` (same shape as ``target``): background labels stay off these pixels,
+    or, with ``inside``, on them only (where the window has such background).
     """
     from .strokes import simulate_strokes
 
     labels = np.zeros(target.shape, np.uint8)
     sub = target[window].astype(bool)
     background = ~sub
-    if avoid is not None and (kept := background & ~avoid[window]).any():
-        background = kept
+    if avoid is not None:
+        on_mask = avoid[window].astype(bool)
+        kept = background & (on_mask if inside else ~on_mask)
+        if kept.any():
+            background = kept
     n = int(rng.integers(20, 301))
     if rng.random() < 0.5:
         for value, mask in ((1, background), (2, sub)):
@@ -247,6 +255,7 @@ def make_forest_predictions(
     ndim: int = 2,
     avoid: Sequence[np.ndarray] | None = None,
     avoid_share: float = 0.5,
+    avoid_inside: float = 0.0,
     log: Callable[[str], None] | None = None,
 ) -> list[ForestPair]:
     """Train ``n_forests`` small forests on random sparse labels; return their predictions.
@@ -300,6 +309,10 @@ def make_forest_predictions(
         the network learns to remove them.
     avoid_share : float
         Share of the forests whose background labels avoid ``avoid``.
+    avoid_inside : float
+        Share of those forests whose background labels lie *on* ``avoid`` only, as
+        when a user paints background on membranes alone: such a forest takes the
+        cytoplasm for foreground.  0 (default): all of them stay off it.
     log : callable, optional
         Receives progress lines.
 
@@ -327,6 +340,8 @@ def make_forest_predictions(
             raise ValueError("need one avoid mask per image, of the image's shape")
         if not 0.0 <= avoid_share <= 1.0:
             raise ValueError(f"avoid_share must be in [0, 1], got {avoid_share}")
+        if not 0.0 <= avoid_inside <= 1.0:
+            raise ValueError(f"avoid_inside must be in [0, 1], got {avoid_inside}")
     crop = 2 * patch if crop is None else int(crop)
     scales = [int(f) for f in scales]
     if not scales or min(scales) < 1:
@@ -363,9 +378,11 @@ def make_forest_predictions(
             raise ValueError("could not find a patch with both classes; check the masks")
         raw = image[region] if f == 1 else _bin(image[region], f)
         away = None
+        inside = False
         if shun is not None and rng.random() < avoid_share:  # no draw without ``avoid``: same forests as before
             away = _bin(shun[region] > 0, f) > 0  # any pixel of a binned block: thin membranes stay
-        labels = _sparse_labels(target, window, rng, away)
+            inside = avoid_inside > 0 and rng.random() < avoid_inside  # no draw at 0: same forests as before
+        labels = _sparse_labels(target, window, rng, away, inside)
         chosen = _random_feature_subset(features, rng) if vary_features else list(features)
         feats = features_cpu.compute_features(raw[..., np.newaxis], chosen)
         prob = forest_probability(raw, labels, n_trees=n_trees, seed=int(rng.integers(2**31)), feature_image=feats)
@@ -1011,6 +1028,7 @@ def train_enhancer(
     ndim: int = 2,
     avoid: Sequence[np.ndarray] | None = None,
     avoid_share: float = 0.5,
+    avoid_inside: float = 0.0,
     init: str | Path | None = None,
     time_limit_s: float | None = None,
     checkpoint: str | Path | None = None,
@@ -1054,9 +1072,9 @@ def train_enhancer(
         Strength of the probability remap augmentation (see :func:`train_unet`; 0 = off).
     vary_features : bool
         Each forest uses a random subset of the features (see :func:`make_forest_predictions`).
-    avoid, avoid_share
+    avoid, avoid_share, avoid_inside
         Masks of structures the background labels of ``avoid_share`` of the forests stay
-        off (see :func:`make_forest_predictions`).
+        off, or (``avoid_inside`` of those) lie on only (see :func:`make_forest_predictions`).
     ndim : {2, 3}
         A 2D enhancer (forests on slices, 2D U-Net) or a 3D one (forests on cubes of
         the volumes with 3D features, 3D U-Net, a ``z, y, x`` package).
@@ -1114,6 +1132,7 @@ def train_enhancer(
             ndim=ndim,
             avoid=avoid,
             avoid_share=avoid_share,
+            avoid_inside=avoid_inside,
             log=log,
         )
         t_forest = time.perf_counter() - t0
@@ -1274,6 +1293,8 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
     avoid_specs = list(args.avoid or [])
     if not 0.0 <= args.avoid_share <= 1.0:
         raise SettingsError(f"--avoid-share {args.avoid_share}: give a share of the forests between 0 and 1")
+    if not 0.0 <= args.avoid_inside <= 1.0:
+        raise SettingsError(f"--avoid-inside {args.avoid_inside}: give a share of the --avoid forests between 0 and 1")
     if avoid_specs and len(avoid_specs) != len(specs):
         raise SettingsError(
             f"{len(avoid_specs)} --avoid mask(s) for {len(specs)} data pair(s); give one --avoid per pair "
@@ -1309,6 +1330,8 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
     if avoid_specs:
         data["avoid"] = avoid_specs[0] if one else avoid_specs
         data["avoid_share"] = float(args.avoid_share)
+        if args.avoid_inside:
+            data["avoid_inside"] = float(args.avoid_inside)
     res = train_enhancer(
         raws,
         gts,
@@ -1327,6 +1350,7 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
         ndim=ndim,
         avoid=avoids or None,
         avoid_share=args.avoid_share,
+        avoid_inside=args.avoid_inside,
         label_patch=args.label_patch,
         crop=args.crop,
         train_patch=args.train_patch,
@@ -1418,6 +1442,13 @@ def add_train_enhancer_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         help="share of the forests whose background labels avoid --avoid (default 0.5)",
+    )
+    p.add_argument(
+        "--avoid-inside",
+        type=float,
+        default=0.0,
+        help="share of the --avoid forests whose background labels lie on the mask only (e.g. on membranes "
+        "alone, so the forest takes the cytoplasm for foreground) instead of off it (default 0)",
     )
     p.add_argument(
         "--init",
