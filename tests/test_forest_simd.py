@@ -246,18 +246,27 @@ def test_simd_name_says_what_the_kernel_uses(monkeypatch):
     assert forest_cpu.simd_name() == "none"
 
 
-def test_avx512_follows_the_cpu_features_numba_compiles_for(monkeypatch):
+def test_simd_follows_the_cpu_features_numba_compiles_for(monkeypatch):
     import numba
 
-    simd_x86.avx512_available.cache_clear()
+    def clear():
+        simd_x86.avx2_available.cache_clear()
+        simd_x86.avx512_available.cache_clear()
+
+    on_x86 = simd_x86.platform.machine().lower() in ("x86_64", "amd64") and not numba.config.DISABLE_JIT
     try:
-        monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma,-avx512f")
-        assert simd_x86.avx512_available() is False
-        simd_x86.avx512_available.cache_clear()
-        monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f,+avx512vl")
-        assert simd_x86.avx512_available() is simd_available()
+        for features, avx2, avx512 in [
+            ("+avx2,+fma,-avx512f", True, False),
+            ("+avx2,+avx512f,+avx512vl", True, True),
+            ("-avx2,+sse4.2", False, False),  # a portable build: no vpermd, the scalar kernel
+        ]:
+            clear()
+            monkeypatch.setattr(numba.config, "CPU_NAME", None)
+            monkeypatch.setattr(numba.config, "CPU_FEATURES", features)
+            assert simd_x86.avx2_available() is (avx2 and on_x86)
+            assert simd_x86.avx512_available() is (avx512 and on_x86)
     finally:
-        simd_x86.avx512_available.cache_clear()
+        clear()
 
 
 @pytest.mark.skipif(not simd_x86.avx512_available(), reason="needs a CPU with AVX-512 (the other build runs here)")

@@ -39,7 +39,7 @@ __all__ = ["predict_kernel_simd", "LEFT_PACK"]
 LEFT_PACK = left_pack_table()
 
 #: sha256 of forest_cpu.py followed by simd_x86.py (see the module docstring).
-HELPERS_SHA256 = "124e489ac17884b70cba312c5a2e530e85b089b1de264e7474ca1105d2966816"
+HELPERS_SHA256 = "eeaef1d6b21ea6621928fbb7d245306154a85de619108d96432a639d783fe3bf"
 
 
 @njit(nogil=True, cache=True)

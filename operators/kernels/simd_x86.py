@@ -53,6 +53,19 @@ _V16F = ir.VectorType(ir.FloatType(), 16)
 _M16 = ir.VectorType(_I1, 16)
 
 
+def _target_has(feature: str) -> bool:
+    # The features numba compiles for: NUMBA_CPU_FEATURES when set, else the host CPU's.
+    import numba
+    from llvmlite import binding
+
+    if numba.config.CPU_FEATURES:
+        return f"+{feature}" in numba.config.CPU_FEATURES.split(",")
+    try:
+        return bool(binding.get_host_cpu_features().get(feature, False))
+    except RuntimeError:  # llvmlite cannot read the features on some platforms
+        return False
+
+
 @lru_cache(maxsize=1)
 def avx2_available() -> bool:
     """Whether numba compiles for an x86-64 CPU with AVX2 (the host CPU, not a generic one).
@@ -61,20 +74,16 @@ def avx2_available() -> bool:
     -------
     bool
         False on other architectures, on x86 CPUs without AVX2, when
-        ``NUMBA_CPU_NAME`` asks numba for a portable (non-host) target, or when
-        ``NUMBA_DISABLE_JIT`` is set.
+        ``NUMBA_CPU_NAME`` asks numba for a portable (non-host) target or
+        ``NUMBA_CPU_FEATURES`` leaves AVX2 out, or when ``NUMBA_DISABLE_JIT`` is set.
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     import numba
-    from llvmlite import binding
 
     if numba.config.CPU_NAME not in (None, "host") or numba.config.DISABLE_JIT:
         return False  # a portable target cannot take vpermd; without the JIT an intrinsic cannot run
-    try:
-        return bool(binding.get_host_cpu_features().get("avx2", False))
-    except RuntimeError:  # llvmlite cannot read the features on some platforms
-        return False
+    return _target_has("avx2")
 
 
 @lru_cache(maxsize=1)
@@ -90,17 +99,7 @@ def avx512_available() -> bool:
     bool
         False wherever :func:`avx2_available` is false.
     """
-    if not avx2_available():
-        return False
-    import numba
-    from llvmlite import binding
-
-    if numba.config.CPU_FEATURES:
-        return "+avx512f" in numba.config.CPU_FEATURES.split(",")
-    try:
-        return bool(binding.get_host_cpu_features().get("avx512f", False))
-    except RuntimeError:
-        return False
+    return avx2_available() and _target_has("avx512f")
 
 
 def left_pack_table() -> np.ndarray:
