@@ -1,7 +1,8 @@
 """The SIMD variant of :mod:`operators.kernels.forest_cpu`'s partition walk.
 
 Sixteen samples per partition step (one AVX-512 step, or two AVX2 steps on CPUs without
-AVX-512: :func:`operators.kernels.simd_x86.partition16`), then eight, then one.
+AVX-512: :func:`operators.kernels.simd_x86.partition16`), then eight, then one
+(:func:`_split_simd`).
 Imported by :func:`operators.kernels.forest_cpu.predict_proba` only where
 :func:`operators.kernels.simd_x86.avx2_available` is true: compiling these kernels for a
 CPU without AVX2 fails.  Same comparisons and the same summation order as the scalar
@@ -42,6 +43,45 @@ LEFT_PACK = left_pack_table()
 HELPERS_SHA256 = "eeaef1d6b21ea6621928fbb7d245306154a85de619108d96432a639d783fe3bf"
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _split_simd(
+    buf: Any, i: Any, end: Any, Xb: Any, fo: Any, th: Any, lo: Any, hi: Any, lut: Any, root: bool
+) -> Any:  # pragma: no cover - compiled
+    # One split of buf[i:end] into the output list lo..hi: sixteen indices per step
+    # (simd_x86.partition16) while at least 32 free slots remain between its two ends,
+    # eight (partition8) while 16 remain, then one by one.  ``root`` (a constant at each
+    # call, so the other branch compiles away): the indices are i..end-1 themselves, a
+    # tree's root, whose list is never written and whose values are contiguous loads.
+    step = uint64(8)
+    step16 = uint64(16)
+    while i + uint64(32) <= end:
+        if root:
+            n_left = partition16_iota(buf, i, Xb, fo, th, lo, hi, lut)
+        else:
+            n_left = partition16(buf, i, Xb, fo, th, lo, hi, lut)
+        lo += n_left
+        hi -= step16 - n_left
+        i += step16
+    while i + uint64(16) <= end:
+        if root:
+            n_left = partition8_iota(buf, i, Xb, fo, th, lo, hi, lut)
+        else:
+            n_left = partition8(buf, i, Xb, fo, th, lo, hi, lut)
+        lo += n_left
+        hi -= step - n_left
+        i += step
+    if not root:
+        return _split_scalar(buf, i, end, Xb, fo, th, lo, hi)
+    while i < end:
+        go_left = uint64(Xb[fo + i] <= th)
+        buf[lo] = np.uint32(i)
+        buf[hi] = np.uint32(i)
+        lo += go_left
+        hi -= uint64(1) - go_left
+        i += uint64(1)
+    return lo, hi
+
+
 @njit(nogil=True, cache=True)
 def _walk_partition_simd(
     Xb: Any,
@@ -63,13 +103,8 @@ def _walk_partition_simd(
     st_e: Any,
     lut: Any,
 ) -> None:  # pragma: no cover - compiled
-    # :func:`_walk_partition` with sixteen indices per step (simd_x86.partition16) while
-    # at least 32 free slots remain between the two ends of the output list, eight
-    # (partition8) while 16 remain, then the scalar loop.  The root's list is 0..nb-1,
-    # so it is never written out and its feature values are contiguous loads.
+    # :func:`_walk_partition` with the SIMD split (:func:`_split_simd`).
     unb = uint64(nb)
-    step = uint64(8)
-    step16 = uint64(16)
     for t in range(roots.shape[0]):
         if vote:
             _tree_votes_start(tally, leaf_value.shape[1])
@@ -79,28 +114,8 @@ def _walk_partition_simd(
                 buf[i] = i
             _leaf_add(buf, uint64(0), unb, ~root, leaf_value, leaf_class, vote, acc, votes, tally)
             continue
-        th = thr[root]
         fo = uint64(feature[root]) * unb
-        lo = unb
-        hi = unb + unb - uint64(1)
-        i = uint64(0)
-        while i + uint64(32) <= unb:
-            n_left = partition16_iota(buf, i, Xb, fo, th, lo, hi, lut)
-            lo += n_left
-            hi -= step16 - n_left
-            i += step16
-        while i + uint64(16) <= unb:
-            n_left = partition8_iota(buf, i, Xb, fo, th, lo, hi, lut)
-            lo += n_left
-            hi -= step - n_left
-            i += step
-        while i < unb:
-            go_left = uint64(Xb[fo + i] <= th)
-            buf[lo] = np.uint32(i)
-            buf[hi] = np.uint32(i)
-            lo += go_left
-            hi -= uint64(1) - go_left
-            i += uint64(1)
+        lo, hi = _split_simd(buf, uint64(0), unb, Xb, fo, thr[root], unb, unb + unb - uint64(1), lut, True)
         sp = _push_children(st_node, st_s, st_e, 0, left[root], right[root], 0, np.int64(lo - unb), nb, 0)
         while sp > 0:
             sp -= 1
@@ -114,23 +129,10 @@ def _walk_partition_simd(
                 _leaf_add(buf, so + uint64(s), so + uint64(e), ~node, leaf_value, leaf_class, vote, acc, votes, tally)
                 continue
             do = (uint64(1) - which) * unb
-            th = thr[node]
             fo = uint64(feature[node]) * unb
-            lo = do + uint64(s)
-            hi = do + uint64(e - 1)
-            i = so + uint64(s)
-            end = so + uint64(e)
-            while i + uint64(32) <= end:
-                n_left = partition16(buf, i, Xb, fo, th, lo, hi, lut)
-                lo += n_left
-                hi -= step16 - n_left
-                i += step16
-            while i + uint64(16) <= end:
-                n_left = partition8(buf, i, Xb, fo, th, lo, hi, lut)
-                lo += n_left
-                hi -= step - n_left
-                i += step
-            lo, hi = _split_scalar(buf, i, end, Xb, fo, th, lo, hi)
+            lo, hi = _split_simd(
+                buf, so + uint64(s), so + uint64(e), Xb, fo, thr[node], do + uint64(s), do + uint64(e - 1), lut, False
+            )
             sp = _push_children(st_node, st_s, st_e, sp, left[node], right[node], s, np.int64(lo - do), e, which)
 
 
