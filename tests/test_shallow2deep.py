@@ -130,6 +130,8 @@ def test_forest_pairs_with_avoided_background_are_seeded_and_change_the_forests(
         s2d.make_forest_predictions([im.raw], [im.mitochondria], 1, avoid=avoid, avoid_share=1.5, **kw)
     with pytest.raises(ValueError, match="avoid_inside must be in"):
         s2d.make_forest_predictions([im.raw], [im.mitochondria], 1, avoid=avoid, avoid_inside=-0.1, **kw)
+    with pytest.raises(ValueError, match="avoid_inside needs avoid masks"):
+        s2d.make_forest_predictions([im.raw], [im.mitochondria], 1, avoid_inside=0.5, **kw)
 
 
 def test_bin_means_blocks() -> None:
@@ -395,6 +397,8 @@ def test_train_enhancer_cli_end_to_end(tmp_path: Path) -> None:
         s2d.main(avoided + ["--avoid-share", "2"])
     with pytest.raises(SettingsError, match="--avoid-inside 2.0: give a share of the --avoid forests"):
         s2d.main(avoided + ["--avoid-inside", "2"])
+    with pytest.raises(SettingsError, match="--avoid-inside needs --avoid MASK"):
+        s2d.main(avoided + ["--avoid-inside", "0.5"])
 
 
 @pytest.mark.parametrize(("name", "why"), [("cand", "has 4 characters"), ("mito/v2 model", "characters '/'")])

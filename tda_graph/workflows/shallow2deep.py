@@ -342,6 +342,8 @@ def make_forest_predictions(
             raise ValueError(f"avoid_share must be in [0, 1], got {avoid_share}")
         if not 0.0 <= avoid_inside <= 1.0:
             raise ValueError(f"avoid_inside must be in [0, 1], got {avoid_inside}")
+    elif avoid_inside:
+        raise ValueError("avoid_inside needs avoid masks: it picks where the background labels of those forests lie")
     crop = 2 * patch if crop is None else int(crop)
     scales = [int(f) for f in scales]
     if not scales or min(scales) < 1:
@@ -1295,6 +1297,8 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
         raise SettingsError(f"--avoid-share {args.avoid_share}: give a share of the forests between 0 and 1")
     if not 0.0 <= args.avoid_inside <= 1.0:
         raise SettingsError(f"--avoid-inside {args.avoid_inside}: give a share of the --avoid forests between 0 and 1")
+    if args.avoid_inside and not avoid_specs:
+        raise SettingsError("--avoid-inside needs --avoid MASK (one per data pair): give the mask it refers to")
     if avoid_specs and len(avoid_specs) != len(specs):
         raise SettingsError(
             f"{len(avoid_specs)} --avoid mask(s) for {len(specs)} data pair(s); give one --avoid per pair "
