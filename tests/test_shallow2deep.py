@@ -350,7 +350,7 @@ def test_cli_parser_registration() -> None:
     )
     assert args.func is s2d.cmd_train_enhancer
     assert args.iterations == 7 and args.width == 16 and args.depth == 3
-    assert s2d._parse_slices("0-2,5") == [0, 1, 2, 5]
+    assert s2d.parse_index_list("0-2,5") == [0, 1, 2, 5]
 
 
 def test_train_enhancer_cli_end_to_end(tmp_path: Path) -> None:
@@ -577,3 +577,92 @@ def test_train_enhancer_3d_defaults_are_3d_sizes(volume: tuple[np.ndarray, np.nd
     assert np.load(res.package / "test_input.npy").shape == (1, 1, 48, 48, 48)  # the smallest valid input
     with pytest.raises(ValueError, match="ndim must be 2 or 3"):
         s2d.train_enhancer([raw], [gt], tmp_path / "q", name="bad ndim", description="d", ndim=4, log=None)
+
+
+@pytest.mark.parametrize(
+    ("text", "indices"),
+    [("0-5", [0, 1, 2, 3, 4, 5]), ("0,2,7", [0, 2, 7]), ("3", [3]), (" 4 , 0-1,1", [0, 1, 4])],
+)
+def test_parse_index_list(text: str, indices: list[int]) -> None:
+    assert s2d.parse_index_list(text) == indices
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("a", "--slices 'a': give indices >= 0"),
+        ("-1", "give indices >= 0"),
+        ("1-", "give indices"),
+        ("", "give indices"),
+        ("1-2-3", "give indices"),
+        ("5-2", "the range 5-2 runs backwards; write 2-5"),
+    ],
+)
+def test_parse_index_list_errors(text: str, match: str) -> None:
+    with pytest.raises(SettingsError, match=match):
+        s2d.parse_index_list(text)
+
+
+def test_read_stack_errors_name_the_problem(tmp_path: Path) -> None:
+    import h5py
+
+    h5 = tmp_path / "d.h5"
+    with h5py.File(h5, "w") as f:
+        f["raw"] = np.arange(4 * 3 * 2, dtype=np.uint8).reshape(4, 3, 2)
+        f["group/gt"] = np.zeros((4, 3, 2), np.uint8)
+    assert s2d.read_stack(f"{h5}:raw", "1,3").tolist() == np.arange(24).reshape(4, 3, 2)[[1, 3]].tolist()
+    with pytest.raises(SettingsError, match="expected PATH:DATASET"):
+        s2d.read_stack(str(tmp_path / "d_h5"))
+    with pytest.raises(SettingsError, match="does not exist; check the path"):
+        s2d.read_stack(f"{tmp_path / 'nope.h5'}:raw")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(SettingsError, match="cannot be read as HDF5"):
+        s2d.read_stack(f"{tmp_path / 'text.h5'}:raw")
+    with pytest.raises(SettingsError, match="no dataset 'rawx'; it has: group/gt, raw"):
+        s2d.read_stack(f"{h5}:rawx")
+    with pytest.raises(SettingsError, match="no dataset 'group'"):
+        s2d.read_stack(f"{h5}:group")
+    with pytest.raises(SettingsError, match=r"has 4 slices along its first axis \(0-3\)"):
+        s2d.read_stack(f"{h5}:raw", "2-4")
+    with pytest.raises(SettingsError, match="runs backwards"):
+        s2d.read_stack(f"{h5}:raw", "3-1")
+
+
+def test_module_entry_point_reports_a_user_error_without_a_traceback(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "tda_graph.workflows.shallow2deep", "train-enhancer", f"{tmp_path}/no.h5:raw"]
+        + [f"{tmp_path}/no.h5:gt", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "train-enhancer: error:" in run.stderr and "does not exist" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"n_forests": 0}, "--forests 0: give at least 1"),
+        ({"iterations": 0}, "--iterations 0: give at least 1"),
+        ({"batch_size": 0}, "--batch-size 0: give at least 1"),
+        ({"depth": 0}, "--depth 0 / --width 16: both must be at least 1"),
+        ({"init": "no/such/package"}, "--init no/such/package: no such file or folder"),
+        ({"checkpoint": "no/such/folder/c.ckpt"}, "--checkpoint no/such/folder/c.ckpt: the folder 'no/such/folder'"),
+        ({"out": "a_file"}, "a file of that name exists; give a folder"),
+    ],
+)
+def test_bad_training_settings_fail_before_the_forests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: dict[str, object], match: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("user data")
+    monkeypatch.setattr(s2d, "make_forest_predictions", lambda *a, **k: pytest.fail("forests ran"))
+    im = em_like((64, 64), seed=0)
+    kw: dict[str, object] = {"out": tmp_path / "pkg", "name": "bad settings", "description": "d", "log": None}
+    kw.update(settings)
+    with pytest.raises(SettingsError, match=match):
+        s2d.train_enhancer([im.raw], [im.mitochondria], **kw)
+    assert not (tmp_path / "pkg").exists() and (tmp_path / "a_file").read_text() == "user data"

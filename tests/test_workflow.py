@@ -84,6 +84,21 @@ def test_demo_command_writes_outputs(tmp_path, capsys):
     assert (tmp_path / "overview.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--size", "0"], "--size 0: give an image side of at least 64"),
+        (["--out", "FILE"], "a file of that name exists"),
+    ],
+)
+def test_demo_bad_arguments_are_clear_errors(tmp_path, capsys, argv, match):
+    (tmp_path / "FILE").write_text("user data")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    assert main(["demo", "--size", "64", "--trees", "2", "--out", str(tmp_path / "out"), *argv]) == 2
+    assert match in capsys.readouterr().err
+    assert (tmp_path / "FILE").read_text() == "user data" and not (tmp_path / "out").exists()
+
+
 def test_demo_with_test_time_augmentation(tmp_path):
     args = ["demo", "--out", str(tmp_path), "--size", "256", "--trees", "20", "--pixels", "40"]
     assert main([*args, "--tta"]) == 0

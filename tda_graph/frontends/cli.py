@@ -43,6 +43,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..workflows.strokes import simulate_strokes
 
     out = Path(args.out)
+    if args.size < 64:
+        raise SettingsError(f"--size {args.size}: give an image side of at least 64 pixels")
+    if out.exists() and not out.is_dir():
+        raise SettingsError(f"--out {out}: a file of that name exists; give a folder for the demo's outputs")
     t0 = time.perf_counter()
     em = em_like((args.size, args.size), seed=args.seed)
     target = args.target

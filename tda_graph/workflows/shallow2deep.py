@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from tda_graph.errors import SettingsError
+from tda_graph.errors import SettingsError, TdaError
 
 __all__ = [
     "SHALLOW2DEEP_FEATURES",
@@ -424,7 +425,7 @@ def build_unet(depth: int = 3, width: int = 16, in_channels: int = 1, out_channe
     from torch import nn
 
     if depth < 1 or width < 1:
-        raise ValueError(f"depth and width must be >= 1, got {depth}, {width}")
+        raise SettingsError(f"--depth {depth} / --width {width}: both must be at least 1")
     if ndim not in (2, 3):
         raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
     conv, pool, up_conv = (
@@ -1116,6 +1117,21 @@ def train_enhancer(
             "give a smaller --train-patch or a larger --crop"
         )
     check_model_name(name)  # export would refuse it only after the whole training
+    # settings that would otherwise fail only after the forests or the whole training
+    for option, value in (("--forests", n_forests), ("--iterations", iterations), ("--batch-size", batch_size)):
+        if int(value) < 1:
+            raise SettingsError(f"{option} {value}: give at least 1")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise SettingsError(f"--out {out}: a file of that name exists; give a folder for the package")
+    if checkpoint is not None and not Path(checkpoint).parent.is_dir():
+        raise SettingsError(
+            f"--checkpoint {checkpoint}: the folder {str(Path(checkpoint).parent)!r} does not exist; "
+            "create it or give another path"
+        )
+    torch.manual_seed(seed)
+    model = build_unet(depth=depth, width=width, ndim=ndim)
+    if init is not None:
+        load_initial_weights(model, init)
     prev_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -1138,10 +1154,6 @@ def train_enhancer(
             log=log,
         )
         t_forest = time.perf_counter() - t0
-        torch.manual_seed(seed)
-        model = build_unet(depth=depth, width=width, ndim=ndim)
-        if init is not None:
-            load_initial_weights(model, init)
         n_params = sum(p.numel() for p in model.parameters())
         if log is not None:
             log(f"{ndim}D U-Net depth {depth} width {width}: {n_params} parameters")
@@ -1247,29 +1259,63 @@ def read_stack(spec: str, slices: str | None = None) -> np.ndarray:
     -------
     ndarray
         The dataset (z slices selected along axis 0).
+
+    Raises
+    ------
+    SettingsError
+        A spec without ``:``, a missing file, a file that is not HDF5, a missing dataset
+        (the message lists the file's datasets), or slices outside the dataset.
     """
     import h5py
 
     if ":" not in spec:
-        raise ValueError(f"expected PATH:DATASET, got {spec!r}")
+        raise SettingsError(f"expected PATH:DATASET, got {spec!r}; e.g. data.h5:raw")
     path, key = spec.rsplit(":", 1)
-    with h5py.File(path, "r") as f:
-        ds = f[key]
+    if not Path(path).is_file():
+        raise SettingsError(f"{spec}: the file {path!r} does not exist; check the path")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise SettingsError(f"{spec}: {path!r} cannot be read as HDF5 ({e}); give an HDF5 file") from None
+    with f:
+        ds = f.get(key)
+        if not isinstance(ds, h5py.Dataset):
+            names: list[str] = []
+            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            raise SettingsError(f"{spec}: {path!r} has no dataset {key!r}; it has: {', '.join(names) or 'none'}")
         if slices is None:
             return ds[...]
-        return ds[_parse_slices(slices)]
+        chosen = parse_index_list(slices, "--slices")
+        if chosen[-1] >= ds.shape[0]:
+            raise SettingsError(
+                f"--slices {slices}: {spec} has {ds.shape[0]} slices along its first axis (0-{ds.shape[0] - 1})"
+            )
+        return ds[chosen]
 
 
-def _parse_slices(text: str) -> list[int]:
-    idx: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            a, b = part.split("-", 1)
-            idx.extend(range(int(a), int(b) + 1))
-        elif part:
-            idx.append(int(part))
-    return sorted(set(idx))
+def parse_index_list(text: str, option: str = "--slices") -> list[int]:
+    """``"0-19"``, ``"0,2,7"`` or a mix of both -> sorted distinct indices >= 0.
+
+    Raises
+    ------
+    SettingsError
+        Naming ``option`` and the expected form, for anything else (a backwards range says
+        how to write it).
+    """
+    chosen: set[int] = set()
+    for part in (t.strip() for t in str(text).split(",")):
+        if not part:
+            continue
+        lo_text, dash, hi_text = part.partition("-")
+        if not lo_text.isdigit() or (dash and not hi_text.isdigit()):
+            raise SettingsError(f"{option} {text!r}: give indices >= 0 as a range and/or a list, e.g. 0-19 or 0,2,7")
+        lo, hi = int(lo_text), int(hi_text or lo_text)
+        if hi < lo:
+            raise SettingsError(f"{option} {text!r}: the range {part} runs backwards; write {hi}-{lo}")
+        chosen.update(range(lo, hi + 1))
+    if not chosen:
+        raise SettingsError(f"{option} {text!r}: give indices >= 0 as a range and/or a list, e.g. 0-19 or 0,2,7")
+    return sorted(chosen)
 
 
 def _parse_scales(text: str) -> list[int]:
@@ -1286,7 +1332,7 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
     """Body of ``tda train-enhancer``; returns the exit code."""
     ndim = int(getattr(args, "ndim", 2))
     if ndim == 3 and args.slices is not None:
-        chosen = _parse_slices(args.slices)
+        chosen = parse_index_list(args.slices, "--slices")
         if chosen != list(range(chosen[0], chosen[-1] + 1)):
             raise SettingsError(
                 f"--slices {args.slices}: a 3D enhancer trains on a volume, so give one contiguous z range (e.g. 0-159)"
@@ -1481,4 +1527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except TdaError as exc:  # a user's mistake: the message, not a traceback (as ``tda`` does)
+        print(f"train-enhancer: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
