@@ -332,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.fraction < 1:
         p.error(f"--fraction must be between 0 and 1, got {args.fraction}")
+    if args.models is not None:
+        wanted = [args.only] if args.only else ["mitochondria_em2d", "membranes_em2d"]
+        missing = [n for n in wanted if not (args.models / n / "bioimageio.yaml").is_file()]
+        if missing:
+            p.error(f"--models {args.models}: no package {', '.join(missing)} in it (each: NAME/bioimageio.yaml)")
     try:
         seeds = parse_index_list(args.seeds, "--seeds") if args.seeds is not None else [args.seed]
     except SettingsError as exc:

@@ -19,6 +19,13 @@ def test_bad_seeds_is_a_usage_error(capsys) -> None:
     assert "runs backwards" in capsys.readouterr().err
 
 
+def test_models_folder_without_the_package_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--models", str(tmp_path), "--only", "mitochondria_em2d"])
+    assert exc.value.code == 2
+    assert "no package mitochondria_em2d in it" in capsys.readouterr().err
+
+
 def _row(dataset: str, seed: int, forest: tuple[int, int, int], enhanced: tuple[int, int, int]) -> dict[str, object]:
     """A result row from (intersection, predicted, truth) pixel counts."""
     row: dict[str, object] = {"enhancer": "e", "dataset": dataset, "domain": "other", "seed": seed}
