@@ -19,8 +19,9 @@ Usage::
         [--tta]
 
 ``--seeds`` repeats the evaluation for several stroke seeds and ends with a summary per
-dataset: each seed's forest -> enhancer IoU and ratio, and on how many seeds the enhancer
-at least doubled the forest (the paper-style target on a domain it never saw).
+dataset: each seed's forest -> enhancer IoU and ratio, on how many seeds the enhancer at
+least doubled the forest (the paper-style target on a domain it never saw), the smallest
+ratio, and the IoU pooled over every seed's slices.
 
 Datasets (skipped when a file is missing)
 -----------------------------------------
