@@ -610,22 +610,80 @@ def test_read_stack_errors_name_the_problem(tmp_path: Path) -> None:
     with h5py.File(h5, "w") as f:
         f["raw"] = np.arange(4 * 3 * 2, dtype=np.uint8).reshape(4, 3, 2)
         f["group/gt"] = np.zeros((4, 3, 2), np.uint8)
+        f["rgb"] = np.zeros((3, 4, 5), np.uint8)
+        f["movie"] = np.zeros((2, 3, 4, 5), np.uint8)
+        f["plane"] = np.zeros((4, 5), np.uint8)
     assert s2d.read_stack(f"{h5}:raw", "1,3").tolist() == np.arange(24).reshape(4, 3, 2)[[1, 3]].tolist()
-    with pytest.raises(SettingsError, match="expected PATH:DATASET"):
+    with pytest.raises(SettingsError, match="cannot tell the format"):
         s2d.read_stack(str(tmp_path / "d_h5"))
+    with pytest.raises(SettingsError, match="holds 5 image datasets; name one"):
+        s2d.read_stack(str(h5))
     with pytest.raises(SettingsError, match="does not exist; check the path"):
         s2d.read_stack(f"{tmp_path / 'nope.h5'}:raw")
     (tmp_path / "text.h5").write_text("not hdf5")
-    with pytest.raises(SettingsError, match="cannot be read as HDF5"):
+    with pytest.raises(SettingsError, match="not a readable HDF5 file"):
         s2d.read_stack(f"{tmp_path / 'text.h5'}:raw")
-    with pytest.raises(SettingsError, match="no dataset 'rawx'; it has: group/gt, raw"):
+    with pytest.raises(SettingsError, match="'rawx' does not exist .* available datasets: /group/gt, /movie"):
         s2d.read_stack(f"{h5}:rawx")
-    with pytest.raises(SettingsError, match="no dataset 'group'"):
+    with pytest.raises(SettingsError, match="'group' is a group, not a dataset"):
         s2d.read_stack(f"{h5}:group")
-    with pytest.raises(SettingsError, match=r"has 4 slices along its first axis \(0-3\)"):
+    with pytest.raises(SettingsError, match=r"has 4 slices along its z axis \(0-3\)"):
         s2d.read_stack(f"{h5}:raw", "2-4")
     with pytest.raises(SettingsError, match="runs backwards"):
         s2d.read_stack(f"{h5}:raw", "3-1")
+    with pytest.raises(SettingsError, match="save one channel, or give --axes"):
+        s2d.read_stack(f"{h5}:rgb", axes="cyx")
+    with pytest.raises(SettingsError, match="give one time point"):
+        s2d.read_stack(f"{h5}:movie", axes="tzyx")
+    with pytest.raises(SettingsError, match="name 2 axes but"):
+        s2d.read_stack(f"{h5}:raw", axes="yx")
+    with pytest.raises(SettingsError, match="is one 2D image .* not a stack"):
+        s2d.read_stack(f"{h5}:plane", "0")
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "tif", "h5"])
+def test_read_stack_reads_every_format_and_axis_order(tmp_path: Path, fmt: str) -> None:
+    rng = np.random.default_rng(3)
+    stack = rng.integers(0, 255, (6, 7, 9), dtype=np.uint8)
+    stored = np.moveaxis(stack, 0, -1)  # yxz on disk: the reader must put z first
+    if fmt == "zarr":
+        import zarr
+
+        zarr.create_array(tmp_path / "s.zarr", data=stored, chunks=(4, 4, 2))
+        spec = str(tmp_path / "s.zarr")
+    elif fmt == "tif":
+        import tifffile
+
+        tifffile.imwrite(tmp_path / "s.tif", stored)
+        spec = str(tmp_path / "s.tif")
+    else:
+        import h5py
+
+        with h5py.File(tmp_path / "s.h5", "w") as f:
+            f["img"] = stored
+        spec = f"{tmp_path / 's.h5'}:img"
+    np.testing.assert_array_equal(s2d.read_stack(spec, axes="yxz"), stack)
+    # runs of slices are read separately and joined in index order
+    np.testing.assert_array_equal(s2d.read_stack(spec, "0-1,4,3", axes="yxz"), stack[[0, 1, 3, 4]])
+    # a singleton channel axis is dropped; a time series of 2D frames is a stack
+    np.testing.assert_array_equal(s2d.read_stack(spec, "2", axes="yxt"), stack[[2]])
+
+
+def test_train_enhancer_command_reads_tiff(tmp_path: Path) -> None:
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    gt = np.zeros((2, 48, 48), np.uint8)
+    gt[:, 10:30, 12:34] = 1
+    raw = (gt * 120 + rng.normal(60, 20, gt.shape)).clip(0, 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "raw.tif", raw)
+    tifffile.imwrite(tmp_path / "gt.tif", gt)
+    argv = ["train-enhancer", str(tmp_path / "raw.tif"), str(tmp_path / "gt.tif"), "--out", str(tmp_path / "m")]
+    argv += ["--forests", "2", "--iterations", "2", "--depth", "2", "--width", "4", "--no-test", "--slices", "1"]
+    argv += ["--label-patch", "32", "--crop", "40", "--train-patch", "32"]
+    assert s2d.main(argv) == 0
+    rdf = (tmp_path / "m" / "bioimageio.yaml").read_text()
+    assert "raw.tif" in rdf and "gt.tif" in rdf
 
 
 def test_module_entry_point_reports_a_user_error_without_a_traceback(tmp_path: Path) -> None:

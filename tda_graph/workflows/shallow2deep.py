@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from tda_graph.errors import SettingsError, TdaError
+from tda_graph.roi import Roi
 
 __all__ = [
     "SHALLOW2DEEP_FEATURES",
@@ -1245,52 +1246,76 @@ def train_enhancer(
 
 
 # --------------------------------------------------------------------------- CLI
-def read_stack(spec: str, slices: str | None = None) -> np.ndarray:
-    """Read ``PATH:DATASET`` from an HDF5 file (optionally only z ``slices`` ``"a-b"`` or ``"a,b,c"``).
+def read_stack(spec: str, slices: str | None = None, axes: str | None = None) -> np.ndarray:
+    """Read a 2D image or a stack of 2D slices from HDF5, zarr or TIFF, optionally only some ``slices``.
 
     Parameters
     ----------
     spec : str
-        ``path/to/file.h5:dataset``.
+        ``file.h5:dataset`` (the dataset may be left out when the file holds one image),
+        ``file.zarr[:array]`` or ``file.tif``, as :func:`operators.file_sources.open_image` reads.
     slices : str, optional
-        Inclusive range ``"0-19"`` or a comma list of z indices.
+        Inclusive range ``"0-19"`` or a comma list of indices along the stack axis (``z``,
+        or ``t`` for a time series of 2D frames).
+    axes : str, optional
+        Stored axes (e.g. ``"yxz"``, ``"cyx"``); default from the file's metadata or its
+        number of dimensions (2 → ``"yx"``, 3 → ``"zyx"``).
 
     Returns
     -------
     ndarray
-        The dataset (z slices selected along axis 0).
+        ``(y, x)`` or ``(slices, y, x)``; singleton ``t`` and ``c`` axes are dropped.
 
     Raises
     ------
     SettingsError
-        A spec without ``:``, a missing file, a file that is not HDF5, a missing dataset
-        (the message lists the file's datasets), or slices outside the dataset.
+        A missing or unreadable file, a missing dataset (the message lists the file's
+        datasets), wrong ``axes``, several channels, ``z`` and ``t`` both longer than 1,
+        ``slices`` on a single 2D image, or slices outside the stack.
     """
-    import h5py
+    from operators.file_sources import open_image
 
-    if ":" not in spec:
-        raise SettingsError(f"expected PATH:DATASET, got {spec!r}; e.g. data.h5:raw")
-    path, key = spec.rsplit(":", 1)
-    if not Path(path).is_file():
-        raise SettingsError(f"{spec}: the file {path!r} does not exist; check the path")
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise SettingsError(f"{spec}: {path!r} cannot be read as HDF5 ({e}); give an HDF5 file") from None
-    with f:
-        ds = f.get(key)
-        if not isinstance(ds, h5py.Dataset):
-            names: list[str] = []
-            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-            raise SettingsError(f"{spec}: {path!r} has no dataset {key!r}; it has: {', '.join(names) or 'none'}")
-        if slices is None:
-            return ds[...]
+        source = open_image(spec, axes)
+    except TdaError as e:  # the reader's message names the file and the fix
+        raise SettingsError(str(e)) from None
+    out = source.output_spec({})
+    kept = [i for i, (a, n) in enumerate(zip(out.axes, out.shape, strict=True)) if not (a in "tc" and n == 1)]
+    layout = "".join(out.axes[i] for i in kept)
+    if layout not in ("yx", "zyx", "tyx"):
+        described = f"axes {out.axes!r}, shape {tuple(out.shape)}"
+        if "c" in layout:
+            fix = "an enhancer learns from one grey-value image: save one channel, or give --axes if 'c' is wrong"
+        elif layout == "tzyx":
+            fix = "give one time point of the volume"
+        else:
+            fix = "give a 2D image or a stack of 2D slices, or give --axes (e.g. zyx) if the axes are wrong"
+        raise SettingsError(f"{spec}: {described}; {fix}")
+    full = Roi.full(out.shape)
+    if slices is None:
+        runs = [full]
+    else:
+        if layout == "yx":
+            raise SettingsError(f"--slices {slices}: {spec} is one 2D image {tuple(out.shape)}, not a stack of slices")
+        axis = out.axes.index(layout[0])
+        n = out.shape[axis]
         chosen = parse_index_list(slices, "--slices")
-        if chosen[-1] >= ds.shape[0]:
-            raise SettingsError(
-                f"--slices {slices}: {spec} has {ds.shape[0]} slices along its first axis (0-{ds.shape[0] - 1})"
-            )
-        return ds[chosen]
+        if chosen[-1] >= n:
+            raise SettingsError(f"--slices {slices}: {spec} has {n} slices along its {layout[0]} axis (0-{n - 1})")
+        runs = []
+        for k in chosen:  # contiguous runs of the chosen indices, one read each
+            if runs and runs[-1].stop[axis] == k:
+                runs[-1] = Roi(runs[-1].start, runs[-1].stop[:axis] + (k + 1,) + runs[-1].stop[axis + 1 :])
+            else:
+                runs.append(
+                    Roi(
+                        full.start[:axis] + (k,) + full.start[axis + 1 :],
+                        full.stop[:axis] + (k + 1,) + full.stop[axis + 1 :],
+                    )
+                )
+    parts = [source.compute(r, {}) for r in runs]
+    data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=out.axes.index(layout[0]))
+    return data.reshape(tuple(data.shape[i] for i in kept))  # the dropped t/c axes have length 1
 
 
 def parse_index_list(text: str, option: str = "--slices") -> list[int]:
@@ -1352,8 +1377,9 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
         )
     raws, gts, avoids = [], [], []
     for k, (im_spec, gt_spec) in enumerate(specs):
-        raw = read_stack(im_spec, args.slices)
-        gt = read_stack(gt_spec, args.slices)
+        axes = getattr(args, "axes", None)
+        raw = read_stack(im_spec, args.slices, axes)
+        gt = read_stack(gt_spec, args.slices, axes)
         if raw.shape != gt.shape:
             raise SettingsError(
                 f"{im_spec} has shape {raw.shape} but its ground truth {gt_spec} has {gt.shape}; "
@@ -1364,7 +1390,7 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
         raws.append(raw)
         gts.append(gt)
         if avoid_specs:
-            mask = read_stack(avoid_specs[k], args.slices)
+            mask = read_stack(avoid_specs[k], args.slices, axes)
             if mask.shape != raw.shape:
                 raise SettingsError(
                     f"--avoid {avoid_specs[k]} has shape {mask.shape} but its image has {raw.shape}; "
@@ -1434,15 +1460,23 @@ def add_train_enhancer_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train-enhancer", help="train a shallow2deep enhancer U-Net and write a bioimage.io package"
     )
-    p.add_argument("images", help="raw images, PATH:DATASET (HDF5, zyx or yx)")
-    p.add_argument("ground_truth", help="binary ground truth, PATH:DATASET, same shape")
+    p.add_argument(
+        "images",
+        help="raw images: file.h5:dataset, file.zarr[:array] or file.tif; one 2D image or a stack of slices",
+    )
+    p.add_argument("ground_truth", help="binary ground truth (0 = background), same forms, same shape")
     p.add_argument("--out", required=True, help="package folder to write")
     p.add_argument(
         "--add-data",
         nargs=2,
         action="append",
         metavar=("IMAGES", "GROUND_TRUTH"),
-        help="another raw/ground-truth pair (PATH:DATASET each), e.g. a second acquisition; repeatable",
+        help="another raw/ground-truth pair (same forms), e.g. a second acquisition; repeatable",
+    )
+    p.add_argument(
+        "--axes",
+        default=None,
+        help="stored axes of every image, ground truth and mask, e.g. zyx or yxz (default: metadata or ndim)",
     )
     p.add_argument("--slices", default=None, help="z slices to train on, of every pair, e.g. 0-19 (default all)")
     p.add_argument("--forests", type=int, default=60, help="number of random forests (default 60)")
@@ -1483,7 +1517,7 @@ def add_train_enhancer_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--avoid",
         action="append",
         metavar="MASK",
-        help="binary mask (PATH:DATASET, the image's shape) of structures users rarely paint as background "
+        help="binary mask (same forms as the images, the image's shape) of structures users rarely paint as background "
         "although they are, e.g. membranes for a mitochondria enhancer: in --avoid-share of the forests the "
         "background labels stay off them; one per data pair (the first, then each --add-data)",
     )
