@@ -25,10 +25,21 @@ class Stroke:
         return int(self.mask.sum())
 
 
-def _line(p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
+def _line(p0: np.ndarray, p1: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The distinct pixels of the segment p0-p1 (both inside ``shape``), in lexicographic order."""
     n = int(np.abs(p1 - p0).max()) + 1
     t = np.linspace(0.0, 1.0, n)[:, None]
-    return np.unique(np.rint(p0 + (p1 - p0) * t).astype(int), axis=0)
+    points = np.rint(p0 + (p1 - p0) * t).astype(np.int64)
+    # one integer key per pixel: a 1D unique is many times faster than unique(axis=0), same order
+    keys = np.unique(np.ravel_multi_index(tuple(points.T), shape))
+    return np.stack(np.unravel_index(keys, shape), axis=1)
+
+
+def _l1_ball(radius: int, ndim: int) -> np.ndarray:
+    """Offsets within L1 distance ``radius``: what ``binary_dilation`` with the cross reaches in ``radius`` steps."""
+    r = max(int(radius), 0)
+    grid = np.stack(np.meshgrid(*[np.arange(-r, r + 1)] * ndim, indexing="ij"), axis=-1).reshape(-1, ndim)
+    return grid[np.abs(grid).sum(axis=1) <= r]
 
 
 def simulate_strokes(
@@ -69,10 +80,13 @@ def simulate_strokes(
         pts = np.argwhere(inner)
         if len(pts) == 0:
             raise ValueError(f"class {label} has no pixels to draw strokes in")
+        bounds, brush = np.array(mask.shape), _l1_ball(width, mask.ndim)
         strokes: list[Stroke] = []
         painted = np.zeros(mask.shape, bool)
+        n_painted = 0  # painted.sum(), kept as a count: the loop can run thousands of times
+        free = mask.copy()  # mask & ~painted
         tries = 0
-        while painted.sum() < pixels_per_class and tries < 50 * max(1, pixels_per_class):
+        while n_painted < pixels_per_class and tries < 50 * max(1, pixels_per_class):
             tries += 1
             p0 = pts[rng.integers(len(pts))]
             direction = rng.normal(size=mask.ndim)
@@ -80,12 +94,19 @@ def simulate_strokes(
                 direction[0] *= 0.2  # strokes are drawn mostly in-plane
             direction /= np.linalg.norm(direction) + 1e-12
             p1 = np.clip(np.rint(p0 + direction * length), 0, np.array(mask.shape) - 1)
-            line = _line(p0.astype(float), p1.astype(float))
+            line = _line(p0.astype(float), p1.astype(float), mask.shape)
             keep = inner[tuple(line.T)]
             # stop the stroke where it first leaves the class region
             stop = int(np.argmin(keep)) if not keep.all() else len(line)
             line = line[:stop]
             if len(line) < 3:
+                continue
+            # Quick exact test of "this stroke paints nothing new" (the brush reaches the pixels within
+            # L1 distance `width` of the line): a class that cannot reach pixels_per_class spends all
+            # its tries here, and must draw the same random numbers as before.
+            near = (line[:, None, :] + brush[None]).reshape(-1, mask.ndim)
+            near = near[((near >= 0) & (near < bounds)).all(axis=1)]
+            if not free[tuple(near.T)].any():
                 continue
             lo = np.maximum(line.min(0) - width, 0)
             hi = np.minimum(line.max(0) + width + 1, mask.shape)
@@ -99,6 +120,8 @@ def simulate_strokes(
             if not stroke_mask.any():
                 continue
             painted[roi.to_slices()] |= stroke_mask
+            free[roi.to_slices()] &= ~stroke_mask
+            n_painted += int(stroke_mask.sum())
             strokes.append(Stroke(roi, stroke_mask, int(label)))
         per_class[int(label)] = strokes
     out: list[Stroke] = []
