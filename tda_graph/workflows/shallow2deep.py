@@ -1291,30 +1291,28 @@ def read_stack(spec: str, slices: str | None = None, axes: str | None = None) ->
         else:
             fix = "give a 2D image or a stack of 2D slices, or give --axes (e.g. zyx) if the axes are wrong"
         raise SettingsError(f"{spec}: {described}; {fix}")
-    full = Roi.full(out.shape)
+    axis = out.axes.index(layout[0])  # the stack axis (y for a single image, which then has no slices)
     if slices is None:
-        runs = [full]
+        bounds = [(0, out.shape[axis])]
     else:
         if layout == "yx":
             raise SettingsError(f"--slices {slices}: {spec} is one 2D image {tuple(out.shape)}, not a stack of slices")
-        axis = out.axes.index(layout[0])
         n = out.shape[axis]
         chosen = parse_index_list(slices, "--slices")
         if chosen[-1] >= n:
             raise SettingsError(f"--slices {slices}: {spec} has {n} slices along its {layout[0]} axis (0-{n - 1})")
-        runs = []
+        bounds = []
         for k in chosen:  # contiguous runs of the chosen indices, one read each
-            if runs and runs[-1].stop[axis] == k:
-                runs[-1] = Roi(runs[-1].start, runs[-1].stop[:axis] + (k + 1,) + runs[-1].stop[axis + 1 :])
+            if bounds and bounds[-1][1] == k:
+                bounds[-1] = (bounds[-1][0], k + 1)
             else:
-                runs.append(
-                    Roi(
-                        full.start[:axis] + (k,) + full.start[axis + 1 :],
-                        full.stop[:axis] + (k + 1,) + full.stop[axis + 1 :],
-                    )
-                )
-    parts = [source.compute(r, {}) for r in runs]
-    data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=out.axes.index(layout[0]))
+                bounds.append((k, k + 1))
+    parts = []
+    for lo, hi in bounds:
+        start, stop = [0] * len(out.shape), list(out.shape)
+        start[axis], stop[axis] = lo, hi
+        parts.append(source.compute(Roi(start, stop), {}))
+    data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
     return data.reshape(tuple(data.shape[i] for i in kept))  # the dropped t/c axes have length 1
 
 
@@ -1376,8 +1374,8 @@ def cmd_train_enhancer(args: argparse.Namespace) -> int:
             "(the first pair, then each --add-data, in order)"
         )
     raws, gts, avoids = [], [], []
+    axes = getattr(args, "axes", None)
     for k, (im_spec, gt_spec) in enumerate(specs):
-        axes = getattr(args, "axes", None)
         raw = read_stack(im_spec, args.slices, axes)
         gt = read_stack(gt_spec, args.slices, axes)
         if raw.shape != gt.shape:
@@ -1517,9 +1515,9 @@ def add_train_enhancer_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--avoid",
         action="append",
         metavar="MASK",
-        help="binary mask (same forms as the images, the image's shape) of structures users rarely paint as background "
-        "although they are, e.g. membranes for a mitochondria enhancer: in --avoid-share of the forests the "
-        "background labels stay off them; one per data pair (the first, then each --add-data)",
+        help="binary mask (same forms as the images, the image's shape) of structures users rarely paint as "
+        "background although they are, e.g. membranes for a mitochondria enhancer: in --avoid-share of the forests "
+        "the background labels stay off them; one per data pair (the first, then each --add-data)",
     )
     p.add_argument(
         "--avoid-share",

@@ -82,9 +82,8 @@ def simulate_strokes(
             raise ValueError(f"class {label} has no pixels to draw strokes in")
         bounds, brush = np.array(mask.shape), _l1_ball(width, mask.ndim)
         strokes: list[Stroke] = []
-        painted = np.zeros(mask.shape, bool)
-        n_painted = 0  # painted.sum(), kept as a count: the loop can run thousands of times
-        free = mask.copy()  # mask & ~painted
+        free = mask.copy()  # the class pixels no stroke has painted yet
+        n_painted = 0  # a count: the loop can run thousands of times
         tries = 0
         while n_painted < pixels_per_class and tries < 50 * max(1, pixels_per_class):
             tries += 1
@@ -93,7 +92,7 @@ def simulate_strokes(
             if mask.ndim == 3:
                 direction[0] *= 0.2  # strokes are drawn mostly in-plane
             direction /= np.linalg.norm(direction) + 1e-12
-            p1 = np.clip(np.rint(p0 + direction * length), 0, np.array(mask.shape) - 1)
+            p1 = np.clip(np.rint(p0 + direction * length), 0, bounds - 1)
             line = _line(p0.astype(float), p1.astype(float), mask.shape)
             keep = inner[tuple(line.T)]
             # stop the stroke where it first leaves the class region
@@ -115,11 +114,7 @@ def simulate_strokes(
             stroke_mask[tuple((line - lo).T)] = True
             if width > 0:
                 stroke_mask = ndimage.binary_dilation(stroke_mask, iterations=width)
-            stroke_mask &= mask[roi.to_slices()]
-            stroke_mask &= ~painted[roi.to_slices()]
-            if not stroke_mask.any():
-                continue
-            painted[roi.to_slices()] |= stroke_mask
+            stroke_mask &= free[roi.to_slices()]  # not empty: the quick test found a free pixel
             free[roi.to_slices()] &= ~stroke_mask
             n_painted += int(stroke_mask.sum())
             strokes.append(Stroke(roi, stroke_mask, int(label)))
