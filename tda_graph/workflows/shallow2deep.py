@@ -1476,7 +1476,9 @@ def add_train_enhancer_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="stored axes of every image, ground truth and mask, e.g. zyx or yxz (default: metadata or ndim)",
     )
-    p.add_argument("--slices", default=None, help="z slices to train on, of every pair, e.g. 0-19 (default all)")
+    p.add_argument(
+        "--slices", default=None, help="slices (along z, or t) to train on, of every pair, e.g. 0-19 (default all)"
+    )
     p.add_argument("--forests", type=int, default=60, help="number of random forests (default 60)")
     p.add_argument("--iterations", "--epochs", type=int, default=1500, help="U-Net optimiser steps (default 1500)")
     p.add_argument("--seed", type=int, default=0)
